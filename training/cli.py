@@ -1,0 +1,207 @@
+"""The ``tact`` command line: data, simulation, baselines and evaluation.
+
+Every sub-command validates its arguments before doing any work and reports bad input
+as ``tact: error: <file>: <problem>`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from training.errors import DataError
+from training.physics import DEFAULT_HANN_SCALING, PHOTONS_PER_BIN
+
+log = logging.getLogger("training")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise argparse.ArgumentTypeError("give at least one method, e.g. lowdose,fbp,bm3d,fulldose")
+    return methods
+
+
+def _add_simulation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--photons", type=float, default=PHOTONS_PER_BIN, help="N0, photons per detector bin (default: %(default)g, LoDoPaB)")
+    parser.add_argument("--angles", type=_positive_int, default=1000, help="projection angles over [0, pi) (default: %(default)s)")
+    parser.add_argument("--size", type=_positive_int, default=512, help="slice size in pixels (default: %(default)s)")
+    parser.add_argument("--domain", choices=("physical", "lodopab"), default="physical",
+                        help="reconstruction domain from the pixel spacing, or LoDoPaB's fixed 26 cm (default: %(default)s)")
+    parser.add_argument("--workers", type=_positive_int, default=None, help="processes (default: every core)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise and the split (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tact", description="Task-adaptive low-dose CT reconstruction")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("phantom", help="write a synthetic LiTS-like abdominal phantom")
+    p.add_argument("--out", required=True, type=Path, help="output folder (LiTS layout)")
+    p.add_argument("--volumes", required=True, type=_positive_int, help="number of volumes")
+    p.add_argument("--size", type=_positive_int, default=512, help="in-plane size in pixels (default: %(default)s)")
+    p.add_argument("--slices", type=_positive_int, default=32, help="slices per volume (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+
+    p = commands.add_parser("sample-data", help="build the real 20-slice abdominal CT sample in LiTS layout")
+    p.add_argument("--out", required=True, type=Path, help="output folder (LiTS layout)")
+    p.add_argument("--cache", type=Path, default=None, help="download cache (default: $TACT_CACHE or ~/.cache/taskadaptivect)")
+
+    p = commands.add_parser("simulate", help="simulate low-dose scans from LiTS-format CT")
+    p.add_argument("--lits", required=True, type=Path, help="folder of volume-K / segmentation-K NIfTI pairs")
+    p.add_argument("--out", required=True, type=Path, help="data set folder (resumed if unfinished)")
+    _add_simulation_options(p)
+    p.add_argument("--fbp-scaling", type=float, default=DEFAULT_HANN_SCALING, help="Hann frequency scaling of the FBP written with the data (default: %(default)s)")
+    p.add_argument("--keep-empty", action="store_true", help="keep slices with an empty segmentation")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of patients in the test split (default: %(default)s)")
+    p.add_argument("--impl", choices=("astra_cpu", "astra_cuda"), default=None, help="projector (default: astra_cuda if a GPU is present)")
+
+    p = commands.add_parser("baseline", help="run a classical baseline on a simulated data set")
+    baselines = p.add_subparsers(dest="baseline", required=True, metavar="METHOD")
+    fbp = baselines.add_parser("fbp", help="Hann FBP, frequency scaling tuned on the training split")
+    fbp.add_argument("--frequency-scaling", type=float, default=None, help="use this scaling instead of tuning")
+    fbp.add_argument("--tune-slices", type=_positive_int, default=16, help="training slices to tune on (default: %(default)s)")
+    bm3d = baselines.add_parser("bm3d", help="BM3D denoising of the low-dose scans")
+    bm3d.add_argument("--sigma-psd", type=float, default=0.075, help="noise std in normalised units (default: %(default)s, the paper's)")
+    bm3d.add_argument("--sweep", action="store_true", help="pick sigma_psd on a random subset of training slices, as the paper did")
+    bm3d.add_argument("--sweep-slices", type=_positive_int, default=8, help="training slices for the sweep (default: %(default)s)")
+    for sub in (fbp, bm3d):
+        sub.add_argument("--dataset", required=True, type=Path, help="data set folder from `tact simulate`")
+        sub.add_argument("--workers", type=_positive_int, default=None, help="processes (default: every core)")
+
+    p = commands.add_parser("evaluate", help="PSNR/SSIM per slice, Table I and figures")
+    p.add_argument("--dataset", required=True, type=Path, help="data set folder from `tact simulate`")
+    p.add_argument("--methods", type=_methods, default=["lowdose", "fbp", "bm3d", "fulldose"], help="comma-separated (default: lowdose,fbp,bm3d,fulldose)")
+    p.add_argument("--out", required=True, type=Path, help="report folder")
+    p.add_argument("--split", choices=("test", "train", "all"), default="test", help="slices to evaluate (default: %(default)s)")
+    p.add_argument("--figures", type=int, default=2, help="number of example slices to draw (default: %(default)s)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: every core)")
+
+    p = commands.add_parser("demo", help="the main job: real sample -> low dose -> FBP, BM3D -> report")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: %(default)s)")
+    _add_simulation_options(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    progress = not args.quiet
+    try:
+        return _COMMANDS[args.command](args, progress)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"tact: error: {exc}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "tact: interrupted; re-run the same command to resume\n")
+
+
+def _phantom(args: argparse.Namespace, progress: bool) -> int:
+    from training.phantom import write_phantom_dataset
+
+    pairs = write_phantom_dataset(args.out, args.volumes, size=args.size, slices=args.slices, seed=args.seed, progress=progress)
+    print(f"wrote {len(pairs)} phantom volume(s) to {args.out}")
+    return 0
+
+
+def _sample_data(args: argparse.Namespace, progress: bool) -> int:
+    from training.sample_data import build_sample_data
+
+    pairs = build_sample_data(args.out, cache_dir=args.cache)
+    print(f"wrote the real sample ({len(pairs)} case) to {args.out}")
+    return 0
+
+
+def _settings(args: argparse.Namespace, **extra):
+    from training.simulate import SimulationSettings
+
+    return SimulationSettings(photons=args.photons, num_angles=args.angles, size=args.size, domain=args.domain, seed=args.seed, **extra)
+
+
+def _simulate(args: argparse.Namespace, progress: bool) -> int:
+    from training.simulate import simulate_dataset
+
+    settings = _settings(args, fbp_scaling=args.fbp_scaling, keep_empty=args.keep_empty, test_fraction=args.test_fraction)
+    dataset = simulate_dataset(args.lits, args.out, settings, workers=args.workers, impl=args.impl, progress=progress)
+    split = dataset.manifest["split"]
+    print(f"{args.out}: {len(dataset.slices('train'))} training slices ({len(split['train'])} patients), "
+          f"{len(dataset.slices('test'))} test slices ({len(split['test'])} patients)")
+    return 0
+
+
+def _baseline(args: argparse.Namespace, progress: bool) -> int:
+    from training.baselines import run_bm3d, run_fbp
+    from training.dataset import SimulatedDataset
+
+    dataset = SimulatedDataset(args.dataset)
+    if args.baseline == "fbp":
+        scaling = run_fbp(dataset, args.frequency_scaling, workers=args.workers, progress=progress, tune_slices=args.tune_slices)
+        print(f"FBP (Hann, frequency scaling {scaling:g}) written for {len(dataset.cases)} case(s)")
+    else:
+        sigma = run_bm3d(dataset, args.sigma_psd, sweep=args.sweep, workers=args.workers, progress=progress, sweep_slices=args.sweep_slices)
+        print(f"BM3D (sigma_psd {sigma:g}) written for {len(dataset.cases)} case(s)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, progress: bool) -> int:
+    from training.dataset import SimulatedDataset
+    from training.evaluate import evaluate_dataset
+
+    evaluate_dataset(SimulatedDataset(args.dataset), args.methods, args.out, split=args.split, figures=args.figures,
+                     workers=args.workers, progress=progress)
+    print((args.out / "table_reconstruction.md").read_text())
+    print(f"report: {args.out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace, progress: bool) -> int:
+    """Real sample -> simulate -> FBP -> BM3D -> report; each stage skipped when already done."""
+    from training.baselines import run_bm3d, run_fbp
+    from training.dataset import SimulatedDataset
+    from training.evaluate import evaluate_dataset
+    from training.loaders import find_lits_cases
+    from training.sample_data import build_sample_data
+    from training.simulate import simulate_dataset
+
+    start = time.perf_counter()
+    lits, data, report = args.out / "lits", args.out / "dataset", args.out / "report"
+    try:
+        find_lits_cases(lits)
+    except DataError:
+        build_sample_data(lits)
+    dataset = simulate_dataset(lits, data, _settings(args), workers=args.workers, progress=progress)
+    # `simulate` wrote the FBP with LoDoPaB's scaling; retune it where there is training data.
+    if dataset.slices("train") and not dataset.methods["fbp"].get("tuned_on"):
+        run_fbp(dataset, workers=args.workers, progress=progress)
+    if not dataset.has_method("bm3d"):
+        run_bm3d(dataset, workers=args.workers, progress=progress)
+    evaluate_dataset(dataset, out=report, split="test", workers=args.workers, progress=progress)
+    print((report / "table_reconstruction.md").read_text())
+    print(f"demo finished in {time.perf_counter() - start:.0f} s; report: {report}")
+    return 0
+
+
+_COMMANDS = {
+    "phantom": _phantom,
+    "sample-data": _sample_data,
+    "simulate": _simulate,
+    "baseline": _baseline,
+    "evaluate": _evaluate,
+    "demo": _demo,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The simulated data set on disk: layout, manifest and slice access.
+
+Layout (``DATASET/``)::
+
+    dataset.json                          manifest: settings, split, cases, methods
+    lowdose/<case>.nii                    simulated low-dose scan (ramp-filter FBP), HU, float32
+    lowdose/labels/final/<case>.nii       reference segmentation, uint8 (0 bg, 1 liver, 2 tumour)
+    lowdose/labels/fulldose/<case>.nii    full-dose ground truth, HU, float32
+    lowdose/labels/fbp/<case>.nii         FBP baseline (Hann filter), HU, float32
+    lowdose/labels/bm3d/<case>.nii        BM3D baseline (after ``tact baseline bm3d``), HU, float32
+    sinograms/<case>.npy                  post-log projection data, (Z, angles, detectors), float32
+
+``lowdose/`` is laid out as a MONAI Label local datastore: the low-dose volumes are its
+images, and the reference segmentation (tag ``final``), the full dose and the baselines
+are per-image volumes under ``labels/<tag>/``. Volumes are uncompressed NIfTI so that
+nibabel memory-maps them and one axial slice (``[:, :, k]``, contiguous on disk) is read
+without the rest. Intensities are stored in HU for viewers; :meth:`SimulatedDataset.slice`
+returns the normalised attenuation ``x`` the networks and metrics use.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from training.errors import DataError
+from training.physics import ScanGeometry, hu_to_mu, MU_MAX
+
+MANIFEST = "dataset.json"
+FORMAT = "taskadaptivect-dataset"
+FORMAT_VERSION = 1
+LOWDOSE = "lowdose"
+FULLDOSE = "fulldose"
+SEGMENTATION = "final"
+SPLITS = ("train", "test", "all")
+
+
+def volume_path(root: str | Path, method: str, case_id: str) -> Path:
+    """Where the volume of ``method`` (``lowdose``, ``fulldose``, ``final``, ``fbp``, ...) for a case lives."""
+    root = Path(root)
+    if method == LOWDOSE:
+        return root / LOWDOSE / f"{case_id}.nii"
+    return root / LOWDOSE / "labels" / method / f"{case_id}.nii"
+
+
+def sinogram_path(root: str | Path, case_id: str) -> Path:
+    return Path(root) / "sinograms" / f"{case_id}.npy"
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """One axial slice of the data set: ``case`` id and ``index`` into its volumes' last axis."""
+
+    case: str
+    index: int
+
+
+class SimulatedDataset:
+    """Read access to a data set written by :func:`training.simulate.simulate_dataset`.
+
+    Args:
+        root: the data set folder (holding ``dataset.json``).
+
+    Raises:
+        DataError: if the folder is not a complete data set.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        manifest_path = self.root / MANIFEST
+        if not manifest_path.is_file():
+            raise DataError(self.root, f"not a simulated data set (no {MANIFEST}); create one with `tact simulate`")
+        try:
+            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(manifest_path, f"unreadable manifest: {exc}") from exc
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != FORMAT_VERSION:
+            raise DataError(manifest_path, f"not a {FORMAT} v{FORMAT_VERSION} manifest")
+        incomplete = [c for c, rec in self.cases.items() if not rec.get("complete")]
+        if incomplete:
+            raise DataError(self.root, f"simulation is incomplete for cases {incomplete}; re-run `tact simulate` to finish it")
+        if not self.cases:
+            raise DataError(self.root, "the data set holds no cases")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The simulation settings (photons, angles, size, domain, seed, ...)."""
+        return self.manifest["simulation"]
+
+    @property
+    def cases(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["cases"]
+
+    @property
+    def methods(self) -> dict[str, dict[str, Any]]:
+        """Per-method provenance (e.g. the FBP frequency scaling, the BM3D sigma)."""
+        return self.manifest.setdefault("methods", {})
+
+    def case_ids(self, split: str = "all") -> list[str]:
+        """Case ids of ``split`` (``train``, ``test`` or ``all``), split by patient."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split == "all":
+            return list(self.cases)
+        return list(self.manifest["split"][split])
+
+    def slices(self, split: str = "all") -> list[SliceRef]:
+        """Every slice of ``split``, case by case."""
+        return [SliceRef(c, k) for c in self.case_ids(split) for k in range(self.cases[c]["num_slices"])]
+
+    def geometry(self, case_id: str, impl: str = "astra_cpu") -> ScanGeometry:
+        """The scan geometry the case was simulated with."""
+        s = self.settings
+        return ScanGeometry(size=s["size"], extent_m=self.cases[case_id]["extent_m"], num_angles=s["num_angles"], impl=impl)
+
+    def has_method(self, method: str) -> bool:
+        return all(volume_path(self.root, method, c).is_file() for c in self.cases)
+
+    def volume(self, method: str, case_id: str) -> nib.Nifti1Image:
+        """The NIfTI image of ``method`` for ``case_id`` (data memory-mapped, not loaded)."""
+        path = volume_path(self.root, method, case_id)
+        if not path.is_file():
+            hint = f"run `tact baseline {method}`" if method in ("fbp", "bm3d") else "re-run `tact simulate`"
+            raise DataError(path, f"missing volume for method {method!r}; {hint}")
+        return nib.load(str(path))
+
+    def slice_hu(self, method: str, ref: SliceRef) -> np.ndarray:
+        """One ``(N, N)`` slice of ``method`` in HU (labels for ``final``)."""
+        return np.asarray(self.volume(method, ref.case).dataobj[:, :, ref.index])
+
+    def slice(self, method: str, ref: SliceRef) -> np.ndarray:
+        """One ``(N, N)`` slice of ``method`` as normalised attenuation ``x`` (float32, not clipped)."""
+        return (hu_to_mu(self.slice_hu(method, ref)) / MU_MAX).astype(np.float32)
+
+    def segmentation(self, ref: SliceRef) -> np.ndarray:
+        """The reference label map ``(N, N)`` uint8 of a slice."""
+        return self.slice_hu(SEGMENTATION, ref).astype(np.uint8)
+
+    def sinogram(self, case_id: str) -> np.ndarray:
+        """Memory-mapped post-log data ``(Z, angles, detectors)`` of a case."""
+        return np.load(sinogram_path(self.root, case_id), mmap_mode="r")
+
+    def save_manifest(self) -> None:
+        from training.fileio import save_json
+
+        save_json(self.root / MANIFEST, self.manifest)

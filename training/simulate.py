@@ -1,0 +1,302 @@
+"""Simulate a paired low-dose / full-dose data set from LiTS-format CT (``tact simulate``).
+
+For every kept axial slice of every case: HU -> normalised attenuation ``x`` on an
+``N x N`` grid, noisy post-log data from a 2x upsampled forward projection
+(:class:`training.physics.CTSimulator`), the low-dose scan as an unapodised (ramp) FBP and
+the FBP baseline as a Hann FBP. Slices are simulated in a process pool; each finished
+slice is written to ``.partial/`` at once, and a case's volumes are assembled when all its
+slices are done, so an interrupted run resumes where it stopped. Each slice's noise comes
+from its own seed (run seed, case id, source slice index): the result does not depend on
+the number of workers or the order in which they finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from training import dataset as ds
+from training.errors import DataError
+from training.fileio import atomic_path, save_json, save_nifti, save_npy
+from training.parallel import process_pool
+from training.loaders import find_lits_cases, load_lits_case
+from training.physics import (
+    DEFAULT_HANN_SCALING,
+    LODOPAB_EXTENT_M,
+    PHOTONS_PER_BIN,
+    ScanGeometry,
+    default_impl,
+    hu_to_normalized,
+    normalized_to_hu,
+    simulator_for,
+)
+from training.volume import CTVolume
+
+log = logging.getLogger(__name__)
+
+DOMAINS = ("physical", "lodopab")
+AIR_HU = -1000.0
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """What defines a simulated data set; a re-run must use the same settings to resume.
+
+    Args:
+        photons: mean photons per detector bin of an unattenuated ray (N0).
+        num_angles: parallel-beam angles over [0, pi).
+        size: output slices are ``size x size`` pixels.
+        domain: ``physical`` takes the reconstruction domain from the volume's pixel
+            spacing; ``lodopab`` uses LoDoPaB's fixed 26 cm whatever the anatomy's size.
+        fbp_scaling: frequency scaling of the Hann FBP baseline written with the data
+            (``tact baseline fbp`` retunes it on the training split).
+        keep_empty: keep slices whose segmentation is empty (the paper drops them).
+        test_fraction: fraction of *patients* in the test split.
+        seed: seeds the noise and the split.
+    """
+
+    photons: float = PHOTONS_PER_BIN
+    num_angles: int = 1000
+    size: int = 512
+    domain: str = "physical"
+    fbp_scaling: float = DEFAULT_HANN_SCALING
+    keep_empty: bool = False
+    test_fraction: float = 0.2
+    seed: int = 0
+    upsample: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.photons > 0:
+            raise ValueError(f"photons must be positive, got {self.photons}")
+        if self.num_angles < 1:
+            raise ValueError(f"angles must be positive, got {self.num_angles}")
+        if self.size < 16:
+            raise ValueError(f"size must be at least 16 pixels, got {self.size}")
+        if self.domain not in DOMAINS:
+            raise ValueError(f"domain must be one of {DOMAINS}, got {self.domain!r}")
+        if not 0.0 < self.fbp_scaling <= 1.0:
+            raise ValueError(f"fbp_scaling must be in (0, 1], got {self.fbp_scaling}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
+
+
+@dataclass(frozen=True)
+class PreparedCase:
+    """A case resampled for simulation: normalised full-dose slices and their labels."""
+
+    case_id: str
+    x_full: np.ndarray  # (N, N, Z) float32 in [0, 1]
+    labels: np.ndarray  # (N, N, Z) uint8
+    affine: np.ndarray  # (4, 4) voxel -> RAS mm of the output grid
+    extent_m: float
+    source_slices: list[int]
+
+
+def split_by_patient(case_ids: Sequence[str], test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Seeded patient-level split: no patient has slices in both splits.
+
+    At least one case goes to the test split whenever ``test_fraction > 0``; a single case
+    therefore leaves the training split empty.
+    """
+    ids = sorted(case_ids, key=_natural_key)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_test = 0 if test_fraction == 0 else max(1, int(round(test_fraction * len(ids))))
+    test = sorted((ids[i] for i in order[:n_test]), key=_natural_key)
+    train = sorted((ids[i] for i in order[n_test:]), key=_natural_key)
+    return {"train": train, "test": test}
+
+
+def _natural_key(case_id: str) -> tuple[int, str]:
+    return (int(case_id), "") if case_id.isdigit() else (1 << 62, case_id)
+
+
+def prepare_case(volume: CTVolume, settings: SimulationSettings) -> PreparedCase:
+    """Select the slices to simulate and resample them to ``size x size`` normalised images.
+
+    A non-square field of view is padded with air to a square first, so that the domain
+    is the square that holds the whole slice; in-plane resampling uses MONAI's ``Resize``
+    (anti-aliased bilinear for images, nearest for labels).
+    """
+    if volume.segmentation is None:
+        raise DataError(volume.sources[0] if volume.sources else None, "a segmentation is required")
+    sx, sy, sz = volume.spacing
+    if abs(sx - sy) > 0.01 * max(sx, sy):
+        raise DataError(volume.sources[0], f"anisotropic in-plane spacing {sx:.3f} x {sy:.3f} mm is not supported; resample first")
+    keep = [k for k in range(volume.shape[2]) if settings.keep_empty or volume.segmentation[:, :, k].any()]
+    if not keep:
+        raise DataError(volume.sources[0], "no slice has a non-empty segmentation (use --keep-empty to keep all slices)")
+    hu = volume.hu[:, :, keep].astype(np.float32)
+    labels = volume.segmentation[:, :, keep].astype(np.uint8)
+    # Pad to a square field of view with air (labels with background).
+    nx, ny = hu.shape[:2]
+    side = max(nx, ny)
+    pad = [((side - nx) // 2, side - nx - (side - nx) // 2), ((side - ny) // 2, side - ny - (side - ny) // 2), (0, 0)]
+    if side != nx or side != ny:
+        hu = np.pad(hu, pad, constant_values=AIR_HU)
+        labels = np.pad(labels, pad, constant_values=0)
+    n = settings.size
+    if side != n:
+        hu, labels = _resize_slices(hu, n, "bilinear"), _resize_slices(labels, n, "nearest").astype(np.uint8)
+    pixel_mm = sx * side / n
+    extent_m = pixel_mm * n / 1000.0 if settings.domain == "physical" else LODOPAB_EXTENT_M
+    # Output grid: same orientation, in-plane pixel scaled, origin at the padded grid's
+    # corner pixel centre, first kept slice as z origin.
+    affine = volume.affine.copy()
+    scale = side / n
+    affine[:3, 0] *= scale
+    affine[:3, 1] *= scale
+    shift = np.array([-pad[0][0] + (scale - 1) / 2, -pad[1][0] + (scale - 1) / 2, keep[0], 1.0])
+    affine[:3, 3] = (volume.affine @ shift)[:3]
+    return PreparedCase(volume.case_id, hu_to_normalized(hu), labels, affine, float(extent_m), keep)
+
+
+def _resize_slices(stack: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """Resize each slice of an ``(X, Y, Z)`` stack to ``(size, size)`` with MONAI."""
+    from monai.transforms import Resize
+
+    channels_first = np.moveaxis(stack, 2, 0).astype(np.float32)  # slices as channels
+    anti_aliasing = mode != "nearest"
+    resized = Resize((size, size), mode=mode, anti_aliasing=anti_aliasing)(channels_first)
+    return np.moveaxis(np.asarray(resized), 0, 2)
+
+
+@dataclass(frozen=True)
+class _SliceTask:
+    x_full: np.ndarray
+    geometry: ScanGeometry
+    photons: float
+    fbp_scaling: float
+    seed: tuple[int, int, int]
+    out: Path
+
+
+def _slice_seed(seed: int, case_id: str, source_slice: int) -> tuple[int, int, int]:
+    return (seed, zlib.crc32(case_id.encode()), source_slice)
+
+
+def _simulate_slice(task: _SliceTask) -> Path:
+    """Worker: simulate one slice and write ``{lowdose, fbp, sinogram}`` to ``task.out``."""
+    simulator = simulator_for(task.geometry)
+    rng = np.random.default_rng(np.random.SeedSequence(task.seed))
+    data = simulator.noisy_data(task.x_full, task.photons, rng)
+    lowdose = simulator.fbp(data, "Ram-Lak", 1.0)
+    fbp = simulator.fbp(data, "Hann", task.fbp_scaling)
+    with atomic_path(task.out) as tmp:
+        np.savez(tmp, lowdose=lowdose, fbp=fbp, sinogram=data)
+    return task.out
+
+
+def simulate_dataset(
+    lits_dir: str | Path,
+    out: str | Path,
+    settings: SimulationSettings = SimulationSettings(),
+    workers: int | None = None,
+    impl: str | None = None,
+    progress: bool = True,
+) -> ds.SimulatedDataset:
+    """Simulate (or finish simulating) the data set ``out`` from the LiTS folder ``lits_dir``.
+
+    Args:
+        lits_dir: folder of ``volume-K.nii[.gz]`` / ``segmentation-K.nii[.gz]`` pairs.
+        out: the data set folder (created; resumed if it holds an unfinished run with the
+            same settings and sources).
+        settings: physics, size, split and seed.
+        workers: processes (default: every core available).
+        impl: ODL back end (default ``astra_cuda`` where a GPU is present, else ``astra_cpu``).
+        progress: show a progress bar.
+
+    Returns:
+        the finished data set.
+    """
+    out = Path(out)
+    cases = find_lits_cases(lits_dir)
+    impl = impl or default_impl()
+    manifest = _open_manifest(out, settings, cases)
+    todo = [(cid, v, s) for cid, v, s in cases if not manifest["cases"].get(cid, {}).get("complete")]
+    if not todo:
+        log.info("%s: all %d cases already simulated", out, len(cases))
+        return ds.SimulatedDataset(out)
+    log.info("simulating %d case(s) with %s worker(s), %s, into %s", len(todo), workers or "all", impl, out)
+    with process_pool(workers) as pool, tqdm(
+        total=0, unit="slice", desc="simulate", disable=not progress
+    ) as bar:
+        for case_id, volume_file, segmentation_file in todo:
+            prepared = prepare_case(load_lits_case(volume_file, segmentation_file, case_id), settings)
+            _simulate_case(pool, bar, prepared, out, settings, impl)
+            manifest["cases"][case_id] = {
+                "sources": [str(Path(volume_file).resolve()), str(Path(segmentation_file).resolve())],
+                "num_slices": len(prepared.source_slices),
+                "source_slices": prepared.source_slices,
+                "extent_m": prepared.extent_m,
+                "pixel_spacing_mm": [float(v) for v in np.linalg.norm(prepared.affine[:3, :3], axis=0)],
+                "complete": True,
+            }
+            save_json(out / ds.MANIFEST, manifest)
+            shutil.rmtree(out / ".partial" / case_id, ignore_errors=True)
+    shutil.rmtree(out / ".partial", ignore_errors=True)
+    return ds.SimulatedDataset(out)
+
+
+def _simulate_case(pool, bar, prepared: PreparedCase, out: Path, settings: SimulationSettings, impl: str) -> None:
+    partial = out / ".partial" / prepared.case_id
+    geometry = ScanGeometry(settings.size, prepared.extent_m, settings.num_angles, impl)
+    tasks = [
+        _SliceTask(
+            np.ascontiguousarray(prepared.x_full[:, :, z]),
+            geometry,
+            settings.photons,
+            settings.fbp_scaling,
+            _slice_seed(settings.seed, prepared.case_id, k),
+            partial / f"{k:05d}.npz",
+        )
+        for z, k in enumerate(prepared.source_slices)
+    ]
+    pending = [t for t in tasks if not t.out.is_file()]
+    bar.total += len(pending)
+    bar.set_postfix(case=prepared.case_id)
+    bar.refresh()
+    for _ in pool.imap_unordered(_simulate_slice, pending):
+        bar.update()
+    slices = [np.load(t.out) for t in tasks]
+    stack = lambda key: np.stack([s[key] for s in slices], axis=-1)  # noqa: E731
+    cid = prepared.case_id
+    save_nifti(ds.volume_path(out, ds.FULLDOSE, cid), normalized_to_hu(prepared.x_full), prepared.affine, "full dose HU")
+    save_nifti(ds.volume_path(out, ds.SEGMENTATION, cid), prepared.labels, prepared.affine, "0 bg, 1 liver, 2 tumor")
+    save_nifti(ds.volume_path(out, "fbp", cid), normalized_to_hu(stack("fbp")), prepared.affine, "Hann FBP HU")
+    save_npy(ds.sinogram_path(out, cid), np.stack([s["sinogram"] for s in slices], axis=0))
+    # The low-dose image is written last: its presence marks a finished case for viewers.
+    save_nifti(ds.volume_path(out, ds.LOWDOSE, cid), normalized_to_hu(stack("lowdose")), prepared.affine, "low-dose HU")
+
+
+def _open_manifest(out: Path, settings: SimulationSettings, cases: list[tuple[str, Path, Path]]) -> dict:
+    """Load the manifest of an unfinished run with the same settings, or start a new one."""
+    case_ids = [c for c, _, _ in cases]
+    path = out / ds.MANIFEST
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous.get("simulation") != asdict(settings):
+            raise DataError(out, f"holds a data set simulated with other settings {previous.get('simulation')}; "
+                            "choose a new --out or repeat the same settings to resume")
+        known = set(previous["split"]["train"]) | set(previous["split"]["test"])
+        if known != set(case_ids):
+            raise DataError(out, f"holds a data set of cases {sorted(known)}, but the input has {sorted(case_ids)}")
+        return previous
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format": ds.FORMAT,
+        "version": ds.FORMAT_VERSION,
+        "simulation": asdict(settings),
+        "split": {"by": "patient", "seed": settings.seed, **split_by_patient(case_ids, settings.test_fraction, settings.seed)},
+        "cases": {},
+        "methods": {"fbp": {"filter": "Hann", "frequency_scaling": settings.fbp_scaling, "tuned_on": None}},
+    }
+    save_json(path, manifest)
+    return manifest
