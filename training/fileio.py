@@ -33,9 +33,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete temporary files that a killed writer left under ``folder``; returns how many."""
+    stale = [p for p in Path(folder).rglob(".*.tmp*") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return len(stale)
 
 
 def save_json(path: str | Path, data: Any) -> None:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from training import dataset as ds
 from training.errors import DataError
-from training.fileio import atomic_path, save_json, save_nifti, save_npy
+from training.fileio import atomic_path, remove_stale_temporaries, save_json, save_nifti, save_npy
 from training.parallel import process_pool
 from training.loaders import find_lits_cases, load_lits_case
 from training.physics import (
@@ -220,6 +220,7 @@ def simulate_dataset(
     cases = find_lits_cases(lits_dir)
     impl = impl or default_impl()
     manifest = _open_manifest(out, settings, cases)
+    remove_stale_temporaries(out)
     todo = [(cid, v, s) for cid, v, s in cases if not manifest["cases"].get(cid, {}).get("complete")]
     if not todo:
         log.info("%s: all %d cases already simulated", out, len(cases))
