@@ -133,18 +133,21 @@ def prepare_case(volume: CTVolume, settings: SimulationSettings) -> PreparedCase
     keep = [k for k in range(volume.shape[2]) if settings.keep_empty or volume.segmentation[:, :, k].any()]
     if not keep:
         raise DataError(volume.sources[0], "no slice has a non-empty segmentation (use --keep-empty to keep all slices)")
-    hu = volume.hu[:, :, keep].astype(np.float32)
+    # Resample in normalised units, where air is ~0: the anti-aliasing filter pads with
+    # zeros, which in HU would be water at the border.
+    x = hu_to_normalized(volume.hu[:, :, keep])
     labels = volume.segmentation[:, :, keep].astype(np.uint8)
     # Pad to a square field of view with air (labels with background).
-    nx, ny = hu.shape[:2]
+    nx, ny = x.shape[:2]
     side = max(nx, ny)
     pad = [((side - nx) // 2, side - nx - (side - nx) // 2), ((side - ny) // 2, side - ny - (side - ny) // 2), (0, 0)]
     if side != nx or side != ny:
-        hu = np.pad(hu, pad, constant_values=AIR_HU)
+        x = np.pad(x, pad, constant_values=hu_to_normalized(np.array(AIR_HU)))
         labels = np.pad(labels, pad, constant_values=0)
     n = settings.size
     if side != n:
-        hu, labels = _resize_slices(hu, n, "bilinear"), _resize_slices(labels, n, "nearest").astype(np.uint8)
+        x = np.clip(_resize_slices(x, n, "bilinear"), 0.0, 1.0)
+        labels = _resize_slices(labels, n, "nearest").astype(np.uint8)
     pixel_mm = sx * side / n
     extent_m = pixel_mm * n / 1000.0 if settings.domain == "physical" else LODOPAB_EXTENT_M
     # Output grid: same orientation, in-plane pixel scaled, origin at the padded grid's
@@ -155,7 +158,7 @@ def prepare_case(volume: CTVolume, settings: SimulationSettings) -> PreparedCase
     affine[:3, 1] *= scale
     shift = np.array([-pad[0][0] + (scale - 1) / 2, -pad[1][0] + (scale - 1) / 2, keep[0], 1.0])
     affine[:3, 3] = (volume.affine @ shift)[:3]
-    return PreparedCase(volume.case_id, hu_to_normalized(hu), labels, affine, float(extent_m), keep)
+    return PreparedCase(volume.case_id, x, labels, affine, float(extent_m), keep)
 
 
 def _resize_slices(stack: np.ndarray, size: int, mode: str) -> np.ndarray:
@@ -267,14 +270,14 @@ def _simulate_case(pool, bar, prepared: PreparedCase, out: Path, settings: Simul
     for _ in pool.imap_unordered(_simulate_slice, pending):
         bar.update()
     slices = [np.load(t.out) for t in tasks]
-    stack = lambda key: np.stack([s[key] for s in slices], axis=-1)  # noqa: E731
+    lowdose, fbp = (normalized_to_hu(np.stack([s[key] for s in slices], axis=-1)) for key in ("lowdose", "fbp"))
     cid = prepared.case_id
     save_nifti(ds.volume_path(out, ds.FULLDOSE, cid), normalized_to_hu(prepared.x_full), prepared.affine, "full dose HU")
     save_nifti(ds.volume_path(out, ds.SEGMENTATION, cid), prepared.labels, prepared.affine, "0 bg, 1 liver, 2 tumor")
-    save_nifti(ds.volume_path(out, "fbp", cid), normalized_to_hu(stack("fbp")), prepared.affine, "Hann FBP HU")
+    save_nifti(ds.volume_path(out, "fbp", cid), fbp, prepared.affine, "Hann FBP HU")
     save_npy(ds.sinogram_path(out, cid), np.stack([s["sinogram"] for s in slices], axis=0))
     # The low-dose image is written last: its presence marks a finished case for viewers.
-    save_nifti(ds.volume_path(out, ds.LOWDOSE, cid), normalized_to_hu(stack("lowdose")), prepared.affine, "low-dose HU")
+    save_nifti(ds.volume_path(out, ds.LOWDOSE, cid), lowdose, prepared.affine, "low-dose HU")
 
 
 def _open_manifest(out: Path, settings: SimulationSettings, cases: list[tuple[str, Path, Path]]) -> dict:
