@@ -3,8 +3,10 @@
 Both paths do the same work per slice: a 2x upsampled forward projection, Poisson noise,
 a ramp FBP (the low-dose scan) and a Hann FBP (the baseline). The reference is written
 here directly against ODL, in one process; the project's path is `simulate_dataset` with
-every core (process pool, file output included). Each path runs in its own subprocess,
-whose process tree's resident memory is sampled to report the peak.
+every core (process pool, file output included). A third row runs one copy of the
+reference per core on its share of the slices: the most that spreading the same work over
+this machine's cores can give. Each path runs in subprocesses, timed from start (imports
+included) to end, whose process trees' resident memory is sampled to report the peak.
 
     .venv/bin/python benchmarks/simulate.py [--slices 8] [--size 512] [--angles 1000]
 """
@@ -23,13 +25,12 @@ from pathlib import Path
 import psutil
 
 REFERENCE = r"""
-import sys, time, json, numpy as np, nibabel as nib, odl, scipy.ndimage
+import sys, json, numpy as np, nibabel as nib, odl, scipy.ndimage
 from training.physics import MU_MAX, hu_to_normalized
-lits, angles, photons, impl = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+lits, angles, photons, impl, part, parts = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
 image = nib.as_closest_canonical(nib.load(lits + "/volume-0.nii.gz"))
-hu = image.get_fdata(dtype=np.float32)
+hu = image.get_fdata(dtype=np.float32)[:, :, part::parts]
 n, extent = hu.shape[0], hu.shape[0] * float(image.header.get_zooms()[0]) / 1000
-start = time.perf_counter()
 space = odl.uniform_discr([-extent / 2] * 2, [extent / 2] * 2, (n, n), dtype="float32")
 fine = odl.uniform_discr([-extent / 2] * 2, [extent / 2] * 2, (2 * n, 2 * n), dtype="float32")
 geometry = odl.tomo.parallel_beam_geometry(space, num_angles=angles)
@@ -42,17 +43,16 @@ for k in range(hu.shape[2]):
     counts = rng.poisson(photons * np.exp(-MU_MAX * fine_ray(scipy.ndimage.zoom(x, 2, order=1, grid_mode=True, mode="nearest")).asarray()))
     data = -np.log(np.maximum(counts, 0.1) / photons) / MU_MAX
     low, base = ramp(data), hann(data)
-print(json.dumps({"seconds": time.perf_counter() - start, "slices": hu.shape[2]}))
+print(json.dumps({"slices": hu.shape[2]}))
 """
 
 PROJECT = r"""
-import sys, time, json
+import sys, json
 from training.simulate import SimulationSettings, simulate_dataset
 lits, out, angles, photons, impl, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], int(sys.argv[6])
-start = time.perf_counter()
 dataset = simulate_dataset(lits, out, SimulationSettings(photons=photons, num_angles=angles, size=size, keep_empty=True, test_fraction=0),
                            impl=impl, progress=False)
-print(json.dumps({"seconds": time.perf_counter() - start, "slices": len(dataset.slices())}))
+print(json.dumps({"slices": len(dataset.slices())}))
 """
 
 
@@ -64,27 +64,34 @@ def _tree_rss_mib(parent: psutil.Process) -> float:
         return 0.0
 
 
-def run_measured(args: list[str]) -> tuple[dict, float]:
-    """Run a Python snippet in a subprocess; return its JSON output and peak tree RSS (MiB)."""
-    process = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, text=True)
+def run_measured(*commands: list[str]) -> tuple[float, int, float]:
+    """Run Python snippets in concurrent subprocesses.
+
+    Returns the wall time until the last one finished (s), the slices they reported in
+    total, and the peak resident memory of all their process trees together (MiB).
+    """
+    start = time.perf_counter()
+    processes = [subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, text=True) for args in commands]
     peak = 0.0
     done = threading.Event()
 
     def sample() -> None:
         nonlocal peak
-        parent = psutil.Process(process.pid)
+        parents = [psutil.Process(p.pid) for p in processes]
         while not done.is_set():
-            peak = max(peak, _tree_rss_mib(parent))
+            peak = max(peak, sum(_tree_rss_mib(parent) for parent in parents))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    stdout, _ = process.communicate()
+    outputs = [p.communicate()[0] for p in processes]
+    wall = time.perf_counter() - start
     done.set()
     sampler.join()
-    if process.returncode != 0:
-        raise SystemExit(f"benchmark subprocess failed with exit status {process.returncode}")
-    return json.loads(stdout.strip().splitlines()[-1]), peak
+    if any(p.returncode != 0 for p in processes):
+        raise SystemExit(f"a benchmark subprocess failed: exit status {[p.returncode for p in processes]}")
+    slices = sum(json.loads(out.strip().splitlines()[-1])["slices"] for out in outputs)
+    return wall, slices, peak
 
 
 def main() -> None:
@@ -103,13 +110,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         lits = Path(tmp) / "lits"
         write_phantom_dataset(lits, 1, size=args.size, slices=args.slices, seed=0, progress=False)
+        workers = default_workers()
         rows = []
         for impl in impls:
-            ref, ref_peak = run_measured([REFERENCE, str(lits), str(args.angles), str(args.photons), impl])
-            ours, our_peak = run_measured([PROJECT, str(lits), f"{tmp}/out-{impl}", str(args.angles), str(args.photons), impl, str(args.size)])
-            ref_rate, our_rate = ref["seconds"] / ref["slices"], ours["seconds"] / ours["slices"]
-            rows.append((f"ODL reference, 1 process ({impl})", 1, ref["slices"], ref_rate, 1.0, ref_peak))
-            rows.append((f"tact simulate ({impl})", default_workers(), ours["slices"], our_rate, ref_rate / our_rate, our_peak))
+            reference = [REFERENCE, str(lits), str(args.angles), str(args.photons), impl]
+            ref_wall, ref_slices, ref_peak = run_measured(reference + ["0", "1"])
+            # The ceiling: the reference itself, one copy per core, each on its share of slices.
+            ceiling_wall, ceiling_slices, ceiling_peak = run_measured(*(reference + [str(k), str(workers)] for k in range(workers)))
+            ours = [PROJECT, str(lits), f"{tmp}/out-{impl}", str(args.angles), str(args.photons), impl, str(args.size)]
+            our_wall, our_slices, our_peak = run_measured(ours)
+            ref_rate = ref_wall / ref_slices
+            for name, n, wall, slices, peak in (
+                (f"ODL reference, 1 process ({impl})", 1, ref_wall, ref_slices, ref_peak),
+                (f"ODL reference, {workers} copies ({impl})", workers, ceiling_wall, ceiling_slices, ceiling_peak),
+                (f"tact simulate ({impl})", workers, our_wall, our_slices, our_peak),
+            ):
+                rows.append((name, n, slices, wall / slices, ref_rate / (wall / slices), peak))
     print(f"\n{args.size}x{args.size} px, {args.angles} angles, 2x upsampled forward + Poisson (N0={args.photons:g}) + ramp and Hann FBP")
     print(f"{'path':<38} {'workers':>7} {'slices':>6} {'s/slice':>8} {'speed-up':>8} {'peak RSS MiB':>12}")
     for name, workers, slices, rate, speedup, peak in rows:
