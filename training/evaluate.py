@@ -231,7 +231,7 @@ def plot_metric_distributions(rows: Sequence[SliceMetrics], methods: Sequence[st
         data = [[getattr(r, metric) for r in rows if r.method == m] for m in shown]
         ax.boxplot(data)
         ax.set_xticks(range(1, len(shown) + 1), [METHOD_LABELS[m] for m in shown])
-        ax.set_ylabel(f"{metric.upper()} {unit}".strip())
+        ax.set_ylabel(f"{metric.upper()} ({unit})" if unit else metric.upper())
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"Per-slice reconstruction quality ({len(data[0]) if data else 0} slices)", fontsize=10)
     fig.tight_layout()
