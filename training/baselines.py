@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BM3D_SIGMA = 0.075
 """The paper's sigma_psd for BM3D, in units of the normalised image."""
 FBP_SCALING_GRID = tuple(np.round(np.arange(0.30, 1.0001, 0.05), 3))
-BM3D_SIGMA_GRID = (0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2)
+BM3D_SIGMA_GRID = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4)
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,8 @@ def _sweep(
     table = {float(v): float(np.mean(scores[i * len(subset) : (i + 1) * len(subset)])) for i, v in enumerate(values)}
     best = max(table, key=table.__getitem__)
     log.info("%s: mean PSNR by parameter on %d training slices: %s; best %s", desc, len(subset), table, best)
+    if best in (min(table), max(table)):
+        log.warning("%s: the best value %s is at the edge of the grid %s; the optimum may lie beyond it", desc, best, list(table))
     return best, table
 
 
