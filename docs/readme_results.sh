@@ -2,11 +2,12 @@
 # Reproduces the README's results table: the real sample at N0 = 4096 in both domains,
 # with the baselines at their default parameters (as `tact demo` runs them) and with the
 # FBP scaling and BM3D sigma chosen on synthetic training patients (the sample is a single
-# patient, so it has no training split of its own). About 40 minutes on 2 cores.
+# patient, so it has no training split of its own). About 40 minutes on 2 cores;
+# DOMAINS=physical runs one domain only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tact=.venv/bin/tact
-for domain in physical lodopab; do
+for domain in ${DOMAINS:-physical lodopab}; do
   run=runs/readme-$domain
   # 1. The sample with default baselines (FBP Hann 0.641, BM3D sigma 0.075).
   $tact -q demo --out "$run/default" --domain "$domain"
