@@ -29,7 +29,8 @@ import nibabel as nib
 import numpy as np
 
 from training.errors import DataError
-from training.physics import ScanGeometry, hu_to_mu, MU_MAX
+from training.fileio import save_json
+from training.physics import MU_MAX, ScanGeometry, hu_to_mu
 
 MANIFEST = "dataset.json"
 FORMAT = "taskadaptivect-dataset"
@@ -146,6 +147,5 @@ class SimulatedDataset:
         return np.load(sinogram_path(self.root, case_id), mmap_mode="r")
 
     def save_manifest(self) -> None:
-        from training.fileio import save_json
-
+        """Write the (updated) manifest back, atomically."""
         save_json(self.root / MANIFEST, self.manifest)
