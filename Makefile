@@ -8,12 +8,12 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# sam2 (pulled in by monailabel for its SAM2 tasks, which the app does not use) ships a
+# top-level package named `training` that would shadow this project's: it is removed.
 $(STAMP): requirements.txt constraints.txt setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
-	# sam2 (pulled in by monailabel for its SAM2 tasks, which the app does not use) ships a
-	# top-level package named `training` that would shadow this project's.
 	$(BIN)/python -m pip uninstall --quiet --yes sam2
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
