@@ -169,7 +169,6 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
 def _demo(args: argparse.Namespace, progress: bool) -> int:
     """Real sample -> simulate -> FBP -> BM3D -> report; each stage skipped when already done."""
     from training.baselines import run_bm3d, run_fbp
-    from training.dataset import SimulatedDataset
     from training.evaluate import evaluate_dataset
     from training.loaders import find_lits_cases
     from training.sample_data import build_sample_data
