@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,6 +179,15 @@ def test_bad_input_fails_cleanly(run, tmp_path):
 
     result = tact("evaluate", "--dataset", str(tmp_path), "--out", str(tmp_path / "r"), check=False)
     assert result.returncode == 2 and "dataset.json" in result.stderr
+
+    # A baseline whose run did not finish (no manifest record) is not evaluated.
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run["dataset"], unfinished)
+    manifest = json.loads((unfinished / "dataset.json").read_text())
+    del manifest["methods"]["bm3d"]
+    (unfinished / "dataset.json").write_text(json.dumps(manifest))
+    result = tact("evaluate", "--dataset", str(unfinished), "--out", str(tmp_path / "r"), check=False)
+    assert result.returncode == 2 and "['bm3d'] not computed" in result.stderr and "tact baseline bm3d" in result.stderr
 
     result = tact("evaluate", "--dataset", str(run["dataset"]), "--methods", "lowdose,magic", "--out", str(tmp_path / "r"),
                   check=False)

@@ -121,7 +121,13 @@ def _write_method(
     workers: int | None,
     progress: bool,
 ) -> None:
-    """Reconstruct every slice with ``method`` and write one volume per case, case by case."""
+    """Reconstruct every slice with ``method`` and write one volume per case, case by case.
+
+    The method's manifest record is dropped first and rewritten by the caller when all
+    cases are done, so an interrupted run is not mistaken for a finished one.
+    """
+    dataset.methods.pop(method, None)
+    dataset.save_manifest()
     slices = dataset.slices("all")
     with process_pool(workers) as pool, tqdm(total=len(slices), desc=method, unit="slice", disable=not progress) as bar:
         for case in dataset.case_ids("all"):

@@ -182,7 +182,7 @@ def _demo(args: argparse.Namespace, progress: bool) -> int:
         build_sample_data(lits)
     dataset = simulate_dataset(lits, data, _settings(args), workers=args.workers, progress=progress)
     # `simulate` wrote the FBP with LoDoPaB's scaling; retune it where there is training data.
-    if dataset.slices("train") and not dataset.methods["fbp"].get("tuned_on"):
+    if dataset.slices("train") and not dataset.methods.get("fbp", {}).get("tuned_on"):
         run_fbp(dataset, workers=args.workers, progress=progress)
     if not dataset.has_method("bm3d"):
         run_bm3d(dataset, workers=args.workers, progress=progress)

@@ -120,7 +120,9 @@ class SimulatedDataset:
         return ScanGeometry(size=s["size"], extent_m=self.cases[case_id]["extent_m"], num_angles=s["num_angles"], impl=impl)
 
     def has_method(self, method: str) -> bool:
-        return all(volume_path(self.root, method, c).is_file() for c in self.cases)
+        """Whether every case has a volume of ``method``, and (for a baseline) its run finished."""
+        finished = method in (LOWDOSE, FULLDOSE, SEGMENTATION) or method in self.methods
+        return finished and all(volume_path(self.root, method, c).is_file() for c in self.cases)
 
     def volume(self, method: str, case_id: str) -> nib.Nifti1Image:
         """The NIfTI image of ``method`` for ``case_id`` (data memory-mapped, not loaded)."""
