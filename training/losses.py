@@ -1,0 +1,88 @@
+"""Reconstruction losses with a segmentation task term: task-adaptive and joint training.
+
+Both are ``(1 - w) * MSE(f(x_L), x_N) + w * Dice(g(f(x_L)), z_N)`` (paper eq. 9 and eq. 1);
+they differ only in the segmentation network g:
+
+* task-adaptive (the paper's method, weight ``alpha``): g is pre-trained and *frozen*:
+  always in eval mode (batch-norm statistics never update), its parameters never receive
+  gradients, yet gradients flow through it into f;
+* joint (Adler et al., weight ``C``): g is trained together with f.
+
+``alpha = 0`` is the plain "Base U-Net" (MSE only). Dice is MONAI's ``DiceLoss`` on the
+softmax of g's logits against one-hot labels, over all three classes, with MONAI's small
+smoothing terms (the epsilon of the paper's eq. 7).
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.losses import DiceLoss
+from torch import nn
+
+
+def _check_weight(name: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+class FrozenNetwork(nn.Module):
+    """Wraps a network so that it stays in eval mode with no trainable parameters.
+
+    ``train()`` on this module (or on anything that contains it) leaves the wrapped
+    network in eval mode, so batch-norm running statistics and dropout stay fixed.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network.eval()
+        self.network.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FrozenNetwork:
+        super().train(False)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+
+class TaskWeightedLoss(nn.Module):
+    """``(1 - weight) * MSE + weight * Dice(segmenter(reconstruction), labels)``.
+
+    Args:
+        segmenter: the segmentation network g, ``(B, 1, H, W) -> (B, 3, H, W)`` logits.
+        weight: alpha (task-adaptive) or C (joint), in [0, 1].
+        freeze_segmenter: freeze g (task-adaptive) or leave it trainable (joint).
+
+    ``forward(reconstruction (B, 1, H, W), full_dose (B, 1, H, W), labels (B, 1, H, W) int)``
+    returns the total loss; :attr:`last_terms` holds the MSE and Dice terms of the last call.
+    """
+
+    def __init__(self, segmenter: nn.Module, weight: float, freeze_segmenter: bool) -> None:
+        super().__init__()
+        self.weight = _check_weight("alpha" if freeze_segmenter else "C", weight)
+        self.segmenter = FrozenNetwork(segmenter) if freeze_segmenter else segmenter
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True)
+        self.last_terms: dict[str, float] = {}
+
+    def forward(self, reconstruction: torch.Tensor, full_dose: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if reconstruction.shape != full_dose.shape or reconstruction.shape[0] != labels.shape[0]:
+            raise ValueError(f"shapes differ: reconstruction {tuple(reconstruction.shape)}, "
+                             f"full dose {tuple(full_dose.shape)}, labels {tuple(labels.shape)}")
+        mse = nn.functional.mse_loss(reconstruction, full_dose)
+        if self.weight == 0.0:  # the Base U-Net: no segmentation pass at all
+            self.last_terms = {"mse": float(mse.detach()), "dice": float("nan")}
+            return mse
+        dice = self.dice(self.segmenter(reconstruction), labels)
+        self.last_terms = {"mse": float(mse.detach()), "dice": float(dice.detach())}
+        return (1.0 - self.weight) * mse + self.weight * dice
+
+
+def task_adaptive_loss(segmenter: nn.Module, alpha: float) -> TaskWeightedLoss:
+    """The paper's loss (eq. 9): g pre-trained and frozen; ``alpha = 0`` is the Base U-Net."""
+    return TaskWeightedLoss(segmenter, alpha, freeze_segmenter=True)
+
+
+def joint_loss(segmenter: nn.Module, c: float) -> TaskWeightedLoss:
+    """Adler et al.'s joint training (eq. 1): g trained with f; optimise both parameter sets."""
+    return TaskWeightedLoss(segmenter, c, freeze_segmenter=False)
