@@ -19,7 +19,7 @@ import scipy.ndimage
 from training.loaders import find_lits_cases, load_lits_case
 from training.metrics import roi_psnr_ssim
 from training.parallel import process_pool
-from training.physics import DEFAULT_HANN_SCALING, MU_MAX, ScanGeometry, hu_per_normalized_unit, simulator_for
+from training.physics import DEFAULT_HANN_SCALING, ScanGeometry, hu_per_normalized_unit, poisson_data, simulator_for
 from training.simulate import SimulationSettings, prepare_case
 
 PHOTONS = (1024, 4096, 16384, 65536, 262144, 1048576)
@@ -29,13 +29,12 @@ def _measure(job: tuple[np.ndarray, np.ndarray, ScanGeometry, int]) -> dict[int,
     """Per N0: (ramp liver noise HU, Hann liver noise HU, ramp PSNR, Hann PSNR) for one slice."""
     x, liver, geometry, seed = job
     simulator = simulator_for(geometry)
-    clean = simulator.project(x).astype(np.float64) * MU_MAX
+    clean = simulator.project(x)
     rng = np.random.default_rng(seed)
     core = scipy.ndimage.binary_erosion(liver, iterations=3)  # keep away from the liver's edge
     results = {}
     for photons in PHOTONS:
-        counts = np.maximum(rng.poisson(photons * np.exp(-clean)), 0.1)
-        data = (-np.log(counts / photons) / MU_MAX).astype(np.float32)
+        data = poisson_data(clean, photons, rng)
         ramp, hann = simulator.fbp(data), simulator.fbp(data, "Hann", DEFAULT_HANN_SCALING)
         noise = [float(np.std((r - x)[core]) * hu_per_normalized_unit()) for r in (ramp, hann)]
         results[photons] = (*noise, roi_psnr_ssim(ramp, x)[0], roi_psnr_ssim(hann, x)[0])

@@ -55,3 +55,20 @@ def test_full_dose_input_for_segmentation_pretraining(dataset_root):
 def test_missing_input_volumes_are_refused(dataset_root):
     with pytest.raises(DataError, match="no 'bm3d' volumes"):
         SliceDataset(dataset_root / "dataset", "train", input_method="bm3d")
+
+
+def test_a_rewritten_volume_is_read_afresh(dataset_root, tmp_path):
+    import shutil
+
+    from training.dataset import SimulatedDataset, volume_path
+    from training.fileio import save_nifti
+
+    root = tmp_path / "copy"
+    shutil.copytree(dataset_root / "dataset", root)
+    dataset = SimulatedDataset(root)
+    ref = dataset.slices()[0]
+    before = dataset.slice_hu("fbp", ref)
+    image = dataset.volume("fbp", ref.case)
+    assert dataset.volume("fbp", ref.case) is image, "opened once, not per slice"
+    save_nifti(volume_path(root, "fbp", ref.case), np.asarray(image.dataobj) + 100.0, image.affine)
+    np.testing.assert_allclose(dataset.slice_hu("fbp", ref), before + 100.0, atol=1e-3)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from training.dataset import SimulatedDataset, SliceRef, volume_path
+from training.dataset import SimulatedDataset, SliceRef, volume_path, worker_dataset
 from training.fileio import save_nifti
 from training.metrics import roi_psnr_ssim
 from training.parallel import process_pool
@@ -55,11 +55,11 @@ _RECONSTRUCTORS = {"fbp": fbp_slice, "bm3d": bm3d_slice}
 
 
 def _reconstruct(job: _Job) -> np.ndarray:
-    return _RECONSTRUCTORS[job.method](SimulatedDataset(job.root), job.ref, job.parameter)
+    return _RECONSTRUCTORS[job.method](worker_dataset(job.root), job.ref, job.parameter)
 
 
 def _roi_psnr(job: _Job) -> float:
-    reference = SimulatedDataset(job.root).slice("fulldose", job.ref)
+    reference = worker_dataset(job.root).slice("fulldose", job.ref)
     return roi_psnr_ssim(_reconstruct(job), reference)[0]
 
 

@@ -20,6 +20,7 @@ returns the normalised attenuation ``x`` the networks and metrics use.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,16 @@ def sinogram_path(root: str | Path, case_id: str) -> Path:
     return Path(root) / "sinograms" / f"{case_id}.npy"
 
 
+@functools.lru_cache(maxsize=4)
+def worker_dataset(root: str) -> SimulatedDataset:
+    """A data set opened once per process, for pool workers that get one slice per job.
+
+    Workers only read volumes (which :meth:`SimulatedDataset.volume` reopens when they are
+    rewritten); code that changes the manifest must use its own :class:`SimulatedDataset`.
+    """
+    return SimulatedDataset(root)
+
+
 @dataclass(frozen=True)
 class SliceRef:
     """One axial slice of the data set: ``case`` id and ``index`` into its volumes' last axis."""
@@ -82,6 +93,7 @@ class SimulatedDataset:
             raise DataError(manifest_path, f"unreadable manifest: {exc}") from exc
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != FORMAT_VERSION:
             raise DataError(manifest_path, f"not a {FORMAT} v{FORMAT_VERSION} manifest")
+        self._images: dict[Path, tuple[tuple[int, int], nib.Nifti1Image]] = {}
         incomplete = [c for c, rec in self.cases.items() if not rec.get("complete")]
         if incomplete:
             raise DataError(self.root, f"simulation is incomplete for cases {incomplete}; re-run `tact simulate` to finish it")
@@ -127,10 +139,19 @@ class SimulatedDataset:
     def volume(self, method: str, case_id: str) -> nib.Nifti1Image:
         """The NIfTI image of ``method`` for ``case_id`` (data memory-mapped, not loaded)."""
         path = volume_path(self.root, method, case_id)
-        if not path.is_file():
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
             hint = f"run `tact baseline {method}`" if method in ("fbp", "bm3d") else "re-run `tact simulate`"
-            raise DataError(path, f"missing volume for method {method!r}; {hint}")
-        return nib.load(str(path))
+            raise DataError(path, f"missing volume for method {method!r}; {hint}") from None
+        # Reading a slice should not re-parse the header; a rewritten file (new inode or
+        # time) is opened afresh.
+        version = (stat.st_ino, stat.st_mtime_ns)
+        cached = self._images.get(path)
+        if cached is None or cached[0] != version:
+            cached = (version, nib.load(str(path)))
+            self._images[path] = cached
+        return cached[1]
 
     def slice_hu(self, method: str, ref: SliceRef) -> np.ndarray:
         """One ``(N, N)`` slice of ``method`` in HU (labels for ``final``)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from training.dataset import FULLDOSE, SimulatedDataset, SliceRef
+from training.dataset import FULLDOSE, SimulatedDataset, SliceRef, worker_dataset
 from training.errors import DataError
 from training.fileio import atomic_path
 from training.metrics import roi_psnr_ssim
@@ -57,7 +57,7 @@ class _Job:
 
 
 def _evaluate_slice(job: _Job) -> list[SliceMetrics]:
-    dataset = SimulatedDataset(job.root)
+    dataset = worker_dataset(job.root)
     reference = dataset.slice(FULLDOSE, job.ref)
     roi = disc_mask(reference.shape[0])
     rows = []

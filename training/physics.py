@@ -90,6 +90,20 @@ def default_impl() -> str:
     return "astra_cpu"
 
 
+def poisson_data(line_integrals: np.ndarray, photons: float, rng: np.random.Generator) -> np.ndarray:
+    """Noisy post-log data from noise-free line integrals of the normalised image.
+
+    ``counts ~ Poisson(photons * exp(-MU_MAX * line_integrals))``; zero counts become
+    :data:`ZERO_COUNT_REPLACEMENT`; returns ``-log(counts / photons) / MU_MAX`` (float32),
+    in the units of ``line_integrals``.
+    """
+    if not photons > 0:
+        raise ValueError(f"photons must be positive, got {photons}")
+    expected = photons * np.exp(-np.asarray(line_integrals, dtype=np.float64) * MU_MAX)
+    counts = np.maximum(rng.poisson(expected).astype(np.float64), ZERO_COUNT_REPLACEMENT)
+    return (-np.log(counts / photons) / MU_MAX).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class ScanGeometry:
     """A 2-D parallel-beam scan of a square slice.
@@ -170,17 +184,8 @@ class CTSimulator:
         return np.asarray(self.ray_transform(x), dtype=np.float32)
 
     def noisy_data(self, x: np.ndarray, photons: float, rng: np.random.Generator) -> np.ndarray:
-        """Simulated post-log low-dose data for the normalised image ``x``.
-
-        ``counts ~ Poisson(photons * exp(-MU_MAX * A x))``; zero counts become
-        :data:`ZERO_COUNT_REPLACEMENT`; returns ``-log(counts / photons) / MU_MAX`` (float32).
-        """
-        if not photons > 0:
-            raise ValueError(f"photons must be positive, got {photons}")
-        line_integrals = self.project(x).astype(np.float64) * MU_MAX
-        counts = rng.poisson(photons * np.exp(-line_integrals)).astype(np.float64)
-        counts = np.maximum(counts, ZERO_COUNT_REPLACEMENT)
-        return (-np.log(counts / photons) / MU_MAX).astype(np.float32)
+        """Simulated post-log low-dose data for the normalised image ``x`` (see :func:`poisson_data`)."""
+        return poisson_data(self.project(x), photons, rng)
 
     def fbp(self, data: np.ndarray, filter_type: str = "Ram-Lak", frequency_scaling: float = 1.0) -> np.ndarray:
         """Filtered back-projection of post-log data to a normalised ``(N, N)`` image.

@@ -54,11 +54,10 @@ class CTVolume:
         return tuple(self.hu.shape)  # type: ignore[return-value]
 
 
-def lits_paths(directory: str | Path, index: int | str, compressed: bool = True) -> tuple[Path, Path]:
-    """The LiTS file names of case ``index``: ``volume-K.nii[.gz]`` and ``segmentation-K.nii[.gz]``."""
-    ext = ".nii.gz" if compressed else ".nii"
+def lits_paths(directory: str | Path, index: int | str) -> tuple[Path, Path]:
+    """The LiTS file names this package writes for case ``index``: ``volume-K.nii.gz``, ``segmentation-K.nii.gz``."""
     directory = Path(directory)
-    return directory / f"volume-{index}{ext}", directory / f"segmentation-{index}{ext}"
+    return directory / f"volume-{index}.nii.gz", directory / f"segmentation-{index}.nii.gz"
 
 
 def write_lits_case(directory: str | Path, index: int | str, volume: CTVolume) -> tuple[Path, Path]:
