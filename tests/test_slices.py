@@ -30,8 +30,8 @@ def test_items_are_the_stored_slices_as_tensors(dataset_root):
     slices = SliceDataset(dataset_root / "dataset", "train")
     assert len(slices) == len(slices.dataset.slices("train")) > 0
     item = slices[0]
-    assert item["lowdose"].shape == item["fulldose"].shape == item["label"].shape == (1, 32, 32)
-    assert item["lowdose"].dtype == torch.float32 and item["label"].dtype == torch.int64
+    assert item["image"].shape == item["fulldose"].shape == item["label"].shape == (1, 32, 32)
+    assert item["image"].dtype == torch.float32 and item["label"].dtype == torch.int64
     ref = slices.refs[0]
     hu = slices.dataset.slice_hu("fulldose", ref)
     np.testing.assert_allclose(item["fulldose"][0].numpy(), hu_to_normalized(hu), atol=1e-6)
@@ -43,13 +43,13 @@ def test_items_are_the_stored_slices_as_tensors(dataset_root):
 def test_batches_through_a_data_loader(dataset_root):
     loader = DataLoader(SliceDataset(dataset_root / "dataset", "train"), batch_size=2, shuffle=False)
     batch = next(iter(loader))
-    assert batch["lowdose"].shape == (2, 1, 32, 32) and len(batch["case"]) == 2
+    assert batch["image"].shape == (2, 1, 32, 32) and len(batch["case"]) == 2
 
 
 def test_full_dose_input_for_segmentation_pretraining(dataset_root):
     slices = SliceDataset(dataset_root / "dataset", "test", input_method="fulldose")
     item = slices[0]
-    np.testing.assert_allclose(item["lowdose"].numpy(), item["fulldose"].numpy(), atol=1e-6)
+    np.testing.assert_allclose(item["image"].numpy(), item["fulldose"].numpy(), atol=1e-6)
 
 
 def test_missing_input_volumes_are_refused(dataset_root):

@@ -89,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures", type=int, default=2, help="number of example slices to draw (default: %(default)s)")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: every core)")
 
+    p = commands.add_parser("train", help="train the segmentation network, a reconstruction U-Net or the joint baseline")
+    trainings = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    seg = trainings.add_parser("segmentation", help="pre-train the segmentation U-Net g on full-dose slices")
+    rec = trainings.add_parser("reconstruction", help="the reconstruction U-Net f with a frozen pre-trained g (alpha = 0: Base U-Net)")
+    rec.add_argument("--alpha", type=float, default=None, help="task weight alpha in [0, 1] (default: the config's, 0)")
+    joint = trainings.add_parser("joint", help="joint training of f and g (Adler et al.) with weight C")
+    joint.add_argument("--c", type=float, default=None, help="task weight C in [0, 1]")
+    for sub in (rec, joint):
+        sub.add_argument("--segmenter", type=Path, default=None,
+                         help="best.pt of `tact train segmentation` (required for alpha > 0; for joint: g's starting point)")
+    for sub in (seg, rec, joint):
+        sub.add_argument("--dataset", required=True, type=Path, help="data set folder from `tact simulate`")
+        sub.add_argument("--out", required=True, type=Path, help="run folder (an unfinished run there is resumed)")
+        sub.add_argument("--config", type=Path, default=None, help="YAML training configuration (see training/config.py)")
+        sub.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda where available")
+        sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="configuration overrides, e.g. epochs=20 network.features=16 batch_size=4")
+
     p = commands.add_parser("demo", help="the main job: real sample -> low dose -> FBP, BM3D -> report")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: %(default)s)")
     _add_simulation_options(p)
@@ -97,13 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may stand anywhere after `tact train TASK`, between options too.
+    if args.command == "train" and all("=" in token and not token.startswith("-") for token in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ignite").setLevel(logging.WARNING)  # its per-epoch lines repeat ours
     progress = not args.quiet
     try:
         return _COMMANDS[args.command](args, progress)
     except (DataError, ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"tact: error: {exc}\n")
+    except FloatingPointError as exc:
+        parser.exit(1, f"tact: training failed: {exc}\n")
     except KeyboardInterrupt:
         parser.exit(130, "tact: interrupted; re-run the same command to resume\n")
 
@@ -166,6 +192,24 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace, progress: bool) -> int:
+    from training.config import load_config
+    from training.engine import train
+
+    overrides = [f"task={args.task}", *args.overrides]
+    weight = getattr(args, "alpha", None) if args.task == "reconstruction" else getattr(args, "c", None)
+    if weight is not None:
+        overrides.append(f"weight={weight!r}")
+    if getattr(args, "segmenter", None) is not None:
+        overrides.append(f"segmenter_checkpoint={str(args.segmenter)!r}")
+    config = load_config(args.config, overrides)
+    summary = train(config, args.dataset, args.out, device=args.device, progress=progress)
+    print(f"{args.out}: {summary.epochs} epoch(s){' (early stop)' if summary.stopped_early else ''}, best epoch "
+          f"{summary.best_epoch} (score {summary.best_score:.4f}), {summary.seconds:.0f} s on {summary.world_size} "
+          f"process(es); model: {args.out / 'best.pt'}")
+    return 0
+
+
 def _demo(args: argparse.Namespace, progress: bool) -> int:
     """Real sample -> simulate -> FBP -> BM3D -> report; each stage skipped when already done."""
     from training.baselines import run_bm3d, run_fbp
@@ -199,6 +243,7 @@ _COMMANDS = {
     "baseline": _baseline,
     "evaluate": _evaluate,
     "demo": _demo,
+    "train": _train,
 }
 
 

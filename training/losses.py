@@ -55,27 +55,47 @@ class TaskWeightedLoss(nn.Module):
         freeze_segmenter: freeze g (task-adaptive) or leave it trainable (joint).
 
     ``forward(reconstruction (B, 1, H, W), full_dose (B, 1, H, W), labels (B, 1, H, W) int)``
-    returns the total loss; :attr:`last_terms` holds the MSE and Dice terms of the last call.
+    returns the batch mean of the loss; :meth:`terms` returns it per slice with its parts.
     """
 
     def __init__(self, segmenter: nn.Module, weight: float, freeze_segmenter: bool) -> None:
         super().__init__()
         self.weight = _check_weight("alpha" if freeze_segmenter else "C", weight)
         self.segmenter = FrozenNetwork(segmenter) if freeze_segmenter else segmenter
-        self.dice = DiceLoss(to_onehot_y=True, softmax=True)
-        self.last_terms: dict[str, float] = {}
+        self.dice = dice_loss()
 
-    def forward(self, reconstruction: torch.Tensor, full_dose: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def terms(self, reconstruction: torch.Tensor, full_dose: torch.Tensor, labels: torch.Tensor,
+              with_dice: bool = False) -> dict[str, torch.Tensor]:
+        """Per-slice ``loss``, ``mse`` and ``dice`` (each ``(B,)``) and g's ``logits``.
+
+        With ``weight = 0`` the segmentation pass is skipped (``dice`` and ``logits`` are
+        absent) unless ``with_dice`` asks for it, e.g. to monitor the Base U-Net's task quality.
+        """
         if reconstruction.shape != full_dose.shape or reconstruction.shape[0] != labels.shape[0]:
             raise ValueError(f"shapes differ: reconstruction {tuple(reconstruction.shape)}, "
                              f"full dose {tuple(full_dose.shape)}, labels {tuple(labels.shape)}")
-        mse = nn.functional.mse_loss(reconstruction, full_dose)
-        if self.weight == 0.0:  # the Base U-Net: no segmentation pass at all
-            self.last_terms = {"mse": float(mse.detach()), "dice": float("nan")}
-            return mse
-        dice = self.dice(self.segmenter(reconstruction), labels)
-        self.last_terms = {"mse": float(mse.detach()), "dice": float(dice.detach())}
-        return (1.0 - self.weight) * mse + self.weight * dice
+        mse = (reconstruction.float() - full_dose.float()).square().flatten(1).mean(1)
+        out = {"mse": mse, "loss": mse}
+        if self.weight == 0.0 and not with_dice:  # the Base U-Net: no segmentation pass at all
+            return out
+        logits = self.segmenter(reconstruction).float()
+        out["logits"] = logits
+        out["dice"] = self.dice(logits, labels).flatten(1).mean(1)
+        if self.weight > 0.0:
+            out["loss"] = (1.0 - self.weight) * mse + self.weight * out["dice"]
+        return out
+
+    def forward(self, reconstruction: torch.Tensor, full_dose: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.terms(reconstruction, full_dose, labels)["loss"].mean()
+
+
+def dice_loss() -> DiceLoss:
+    """The task loss: MONAI's soft Dice on softmax(logits) vs one-hot labels, over all 3 classes, per slice.
+
+    ``dice_loss()(logits (B, 3, H, W), labels (B, 1, H, W))`` is ``(B, 3, 1, 1)``; its mean
+    over classes is the paper's eq. 8 for each slice, and its overall mean the batch loss.
+    """
+    return DiceLoss(to_onehot_y=True, softmax=True, reduction="none")
 
 
 def task_adaptive_loss(segmenter: nn.Module, alpha: float) -> TaskWeightedLoss:

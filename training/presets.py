@@ -1,0 +1,79 @@
+"""Settings of the whole §3 experiment at three scales (``tact reproduce --preset``).
+
+* ``smoke``: tiny everything, so that CI runs the full pipeline in a few minutes; its
+  numbers mean nothing.
+* ``cpu``: 128² slices and narrow U-Nets on synthetic phantom patients plus the real
+  sample (always a test patient), sized to finish on 2 cores in about an hour.
+* ``paper``: the paper's settings: 512² slices, 1000 angles, full-width U-Nets
+  (64 -> 1024 features); meant for GPUs and a real LiTS copy.
+
+The paper names neither its epochs, batch size nor learning rate; the values here are
+ours and are recorded in every run's ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from training.config import TrainingConfig
+from training.networks import UNetConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One scale of the experiment.
+
+    Args:
+        name: ``smoke``, ``cpu`` or ``paper``.
+        size, angles, photons: simulation (slice size in pixels, angles, N0).
+        phantom_volumes, phantom_slices: synthetic patients written when no ``--lits`` is
+            given, and slices per patient.
+        include_sample: add the real 20-slice sample as a test patient.
+        training: the base training configuration (task and weight are set per run).
+        segmentation_epochs: epochs of the segmentation pre-training.
+        alphas, cs: task-adaptive alphas and joint-training Cs (the paper's 0.1, 0.5, 0.9).
+        bm3d_sweep: pick BM3D's sigma on training slices (else the paper's 0.075).
+        figures: example slices drawn in the report.
+    """
+
+    name: str
+    size: int
+    angles: int
+    photons: float
+    phantom_volumes: int
+    phantom_slices: int
+    include_sample: bool
+    training: TrainingConfig
+    segmentation_epochs: int
+    alphas: tuple[float, ...] = (0.1, 0.5, 0.9)
+    cs: tuple[float, ...] = (0.1, 0.5, 0.9)
+    bm3d_sweep: bool = True
+    figures: int = 3
+    test_fraction: float = 0.2
+
+    def config(self, task: str, weight: float = 0.0, segmenter_checkpoint: str | None = None) -> TrainingConfig:
+        """The training configuration of one run of this preset."""
+        epochs = self.segmentation_epochs if task == "segmentation" else self.training.epochs
+        return replace(self.training, task=task, weight=weight, epochs=epochs, segmenter_checkpoint=segmenter_checkpoint)
+
+
+PRESETS: dict[str, Preset] = {
+    "smoke": Preset(
+        name="smoke", size=64, angles=90, photons=4096, phantom_volumes=4, phantom_slices=6, include_sample=False,
+        training=TrainingConfig(network=UNetConfig(features=4, depth=2), epochs=2, batch_size=4, num_workers=0,
+                                early_stopping_patience=2, lr_patience=1, validation_fraction=0.34),
+        segmentation_epochs=2, alphas=(0.5,), cs=(0.5,), bm3d_sweep=False, figures=1, test_fraction=0.25,
+    ),
+    "cpu": Preset(
+        name="cpu", size=128, angles=1000, photons=4096, phantom_volumes=12, phantom_slices=24, include_sample=True,
+        training=TrainingConfig(network=UNetConfig(features=8, depth=3), epochs=20, batch_size=8, num_workers=0,
+                                learning_rate=2e-3, early_stopping_patience=6, lr_patience=3, validation_fraction=0.2),
+        segmentation_epochs=30,
+    ),
+    "paper": Preset(
+        name="paper", size=512, angles=1000, photons=4096, phantom_volumes=20, phantom_slices=64, include_sample=False,
+        training=TrainingConfig(network=UNetConfig(features=64, depth=4), epochs=50, batch_size=8, num_workers=4,
+                                learning_rate=1e-3, early_stopping_patience=10, lr_patience=4, validation_fraction=0.1),
+        segmentation_epochs=50,
+    ),
+}
