@@ -88,3 +88,14 @@ def test_split_is_by_patient_seeded_and_about_80_20():
     assert split != split_by_patient(ids, 0.2, seed=1)
     assert split_by_patient(["0"], 0.2, seed=0) == {"train": [], "test": ["0"]}
     assert split_by_patient(["0", "1"], 0.0, seed=0) == {"train": ["0", "1"], "test": []}
+
+
+def test_named_test_cases_always_go_to_the_test_split():
+    ids = [str(k) for k in range(10)]
+    for seed in range(5):
+        split = split_by_patient(ids, 0.2, seed, test_cases=["7"])
+        assert "7" in split["test"] and len(split["test"]) == 3  # the named case, plus 20% of the other nine
+        assert sorted(split["train"] + split["test"], key=int) == ids
+    assert split_by_patient(ids, 0.0, 0, test_cases=["3"]) == {"train": [i for i in ids if i != "3"], "test": ["3"]}
+    with pytest.raises(ValueError, match=r"test cases \['11'\] are not among the input cases"):
+        split_by_patient(ids, 0.2, 0, test_cases=["11"])

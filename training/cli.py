@@ -1,4 +1,4 @@
-"""The ``tact`` command line: data, simulation, baselines and evaluation.
+"""The ``tact`` command line: data, simulation, baselines, training, evaluation and the whole experiment.
 
 Every sub-command validates its arguments before doing any work and reports bad input
 as ``tact: error: <file>: <problem>`` with exit status 2.
@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                          help="configuration overrides, e.g. epochs=20 network.features=16 batch_size=4")
 
+    p = commands.add_parser("reproduce", help="the paper's whole experiment: data -> simulation -> baselines -> all trainings -> report")
+    p.add_argument("--preset", choices=("smoke", "cpu", "paper"), default="cpu",
+                   help="smoke: CI-sized; cpu: 128 px, narrow U-Nets, about an hour on 2 cores; paper: the paper's settings, for GPUs (default: %(default)s)")
+    p.add_argument("--lits", type=Path, default=None, help="LiTS-format folder (default: synthetic phantoms plus the real sample)")
+    p.add_argument("--out", required=True, type=Path, help="run folder; finished stages are skipped when re-run")
+    p.add_argument("--workers", type=_positive_int, default=None, help="processes for simulation, baselines, evaluation (default: every core)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="training device (default: cuda where available)")
+
     p = commands.add_parser("demo", help="the main job: real sample -> low dose -> FBP, BM3D -> report")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: %(default)s)")
     _add_simulation_options(p)
@@ -210,6 +218,20 @@ def _train(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace, progress: bool) -> int:
+    from training.reproduce import Reproduction, format_seconds
+
+    costs = Reproduction(args.preset, args.out, lits=args.lits, workers=args.workers, device=args.device, progress=progress).run()
+    report = args.out / "report"
+    for table in ("table_reconstruction.md", "table_dice.md"):
+        print((report / table).read_text())
+    ran = sum(c.seconds for c in costs if c.ran)
+    print(f"compute cost: {format_seconds(sum(c.seconds for c in costs))} in all stages "
+          f"({format_seconds(ran)} in this invocation); see {report / 'compute_cost.md'}")
+    print(f"report: {report}")
+    return 0
+
+
 def _demo(args: argparse.Namespace, progress: bool) -> int:
     """Real sample -> simulate -> FBP -> BM3D -> report; each stage skipped when already done."""
     from training.baselines import run_bm3d, run_fbp
@@ -244,6 +266,7 @@ _COMMANDS = {
     "evaluate": _evaluate,
     "demo": _demo,
     "train": _train,
+    "reproduce": _reproduce,
 }
 
 

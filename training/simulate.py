@@ -61,6 +61,8 @@ class SimulationSettings:
         keep_empty: keep slices whose segmentation is empty (the paper drops them).
         test_fraction: fraction of *patients* in the test split.
         seed: seeds the noise and the split.
+        test_cases: patients always put in the test split (e.g. the real sample among
+            phantoms); the others are split by ``test_fraction``.
     """
 
     photons: float = PHOTONS_PER_BIN
@@ -72,6 +74,7 @@ class SimulationSettings:
     test_fraction: float = 0.2
     seed: int = 0
     upsample: int = 2
+    test_cases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.photons > 0:
@@ -100,16 +103,21 @@ class PreparedCase:
     source_slices: list[int]
 
 
-def split_by_patient(case_ids: Sequence[str], test_fraction: float, seed: int) -> dict[str, list[str]]:
+def split_by_patient(
+    case_ids: Sequence[str], test_fraction: float, seed: int, test_cases: Sequence[str] = ()
+) -> dict[str, list[str]]:
     """Seeded patient-level split: no patient has slices in both splits.
 
-    At least one case goes to the test split whenever ``test_fraction > 0``; a single case
-    therefore leaves the training split empty.
+    ``test_cases`` go to the test split; of the others, at least one goes there whenever
+    ``test_fraction > 0`` (a single case therefore leaves the training split empty).
     """
-    ids = sorted(case_ids, key=_natural_key)
+    unknown = sorted(set(test_cases) - set(case_ids))
+    if unknown:
+        raise ValueError(f"test cases {unknown} are not among the input cases")
+    ids = sorted((c for c in case_ids if c not in set(test_cases)), key=_natural_key)
     order = np.random.default_rng(seed).permutation(len(ids))
-    n_test = 0 if test_fraction == 0 else max(1, int(round(test_fraction * len(ids))))
-    test = sorted((ids[i] for i in order[:n_test]), key=_natural_key)
+    n_test = 0 if test_fraction == 0 or not ids else max(1, int(round(test_fraction * len(ids))))
+    test = sorted([*(ids[i] for i in order[:n_test]), *test_cases], key=_natural_key)
     train = sorted((ids[i] for i in order[n_test:]), key=_natural_key)
     return {"train": train, "test": test}
 
@@ -286,7 +294,8 @@ def _open_manifest(out: Path, settings: SimulationSettings, cases: list[tuple[st
     path = out / ds.MANIFEST
     if path.is_file():
         previous = json.loads(path.read_text())
-        if previous.get("simulation") != asdict(settings):
+        previous.get("simulation", {}).setdefault("test_cases", [])  # data sets from before the option
+        if previous.get("simulation") != _settings_record(settings):
             raise DataError(out, f"holds a data set simulated with other settings {previous.get('simulation')}; "
                             "choose a new --out or repeat the same settings to resume")
         known = set(previous["split"]["train"]) | set(previous["split"]["test"])
@@ -297,10 +306,16 @@ def _open_manifest(out: Path, settings: SimulationSettings, cases: list[tuple[st
     manifest = {
         "format": ds.FORMAT,
         "version": ds.FORMAT_VERSION,
-        "simulation": asdict(settings),
-        "split": {"by": "patient", "seed": settings.seed, **split_by_patient(case_ids, settings.test_fraction, settings.seed)},
+        "simulation": _settings_record(settings),
+        "split": {"by": "patient", "seed": settings.seed,
+                  **split_by_patient(case_ids, settings.test_fraction, settings.seed, settings.test_cases)},
         "cases": {},
         "methods": {"fbp": {"filter": "Hann", "frequency_scaling": settings.fbp_scaling, "tuned_on": None}},
     }
     save_json(path, manifest)
     return manifest
+
+
+def _settings_record(settings: SimulationSettings) -> dict:
+    """The settings as the manifest stores them (JSON types: tuples become lists)."""
+    return json.loads(json.dumps(asdict(settings)))

@@ -1,0 +1,93 @@
+"""`tact reproduce --preset smoke`: the whole §3 experiment end to end, then a re-run that skips it all.
+
+Every stage is real (phantoms, ODL/astra simulation, FBP tuning, BM3D, eight trainings,
+inference, evaluation with the pre-trained segmenter); the smoke preset only makes it small.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.dataset import SimulatedDataset
+from training.presets import PRESETS
+
+TACT = Path(sys.executable).with_name("tact")
+TRAINED = ["baseunet", "ta0.5", "joint0.5"]
+LABELS = ["Low-dose", "FBP", "BM3D", "Base U-Net", "Task-adaptive α=0.5", "Joint training C=0.5", "Full-dose"]
+
+
+def reproduce(out: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(TACT), "-q", "reproduce", "--preset", "smoke", "--out", str(out), "--workers", "2"],
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("reproduce") / "smoke"
+    return out, reproduce(out)
+
+
+def test_smoke_preset_matches_the_paper_methods():
+    smoke = PRESETS["smoke"]
+    assert [f"ta{a:g}" for a in smoke.alphas] + [f"joint{c:g}" for c in smoke.cs] == TRAINED[1:]
+    for name in ("cpu", "paper"):
+        assert PRESETS[name].alphas == PRESETS[name].cs == (0.1, 0.5, 0.9)
+    assert PRESETS["paper"].size == 512 and PRESETS["paper"].training.network.features == 64
+
+
+def test_every_stage_ran_and_the_report_is_complete(run):
+    out, result = run
+    report = out / "report"
+    for label in LABELS:
+        assert f"| {label} |" in (report / "table_reconstruction.md").read_text(), label
+        assert f"| {label} |" in (report / "table_dice.md").read_text(), label
+    figures = {p.name for p in (report / "figures").iterdir()}
+    assert "training_curves.png" in figures
+    assert any(name.startswith("reconstructions_") for name in figures)
+    assert any(name.startswith("segmentations_") for name in figures)
+    for stage in ["segmentation", *TRAINED]:
+        assert (out / "models" / stage / "best.pt").is_file(), stage
+    dataset = SimulatedDataset(out / "dataset")
+    for method in TRAINED:
+        assert dataset.has_method(method)
+        assert dataset.methods[method]["checkpoint"] == str((out / "models" / method / "best.pt").resolve())
+    cost = json.loads((out / "cost.json").read_text())
+    expected_stages = {"data", "simulate", "fbp", "bm3d", "segmentation", *TRAINED, "evaluate",
+                       *(f"reconstruct {m}" for m in TRAINED)}
+    assert set(cost["stages"]) == expected_stages
+    assert all(seconds > 0 for seconds in cost["stages"].values())
+    assert "compute cost:" in result.stdout and "| **total** |" in (report / "compute_cost.md").read_text()
+
+
+def test_dice_table_summarises_the_per_slice_metrics(run):
+    out, _ = run
+    with open(out / "report" / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    dice = {m: [float(r["dice"]) for r in rows if r["method"] == m] for m in ["lowdose", *TRAINED, "fulldose"]}
+    table = (out / "report" / "table_dice.md").read_text()
+    for method, label in (("lowdose", "Low-dose"), ("ta0.5", "Task-adaptive α=0.5"), ("fulldose", "Full-dose")):
+        values = np.asarray(dice[method])
+        assert values.size == len(SimulatedDataset(out / "dataset").slices("test"))
+        assert np.all((values >= 0) & (values <= 1))
+        assert f"| {label} | {values.mean():.4f} ± {values.std():.4f} |" in table, (label, table)
+
+
+def test_a_second_run_skips_every_finished_stage(run):
+    out, _ = run
+    models = {p: p.stat().st_mtime_ns for p in (out / "models").rglob("best.pt")}
+    volumes = {p: p.stat().st_mtime_ns for p in (out / "dataset").rglob("*.nii")}
+    again = reproduce(out)
+    assert {p: p.stat().st_mtime_ns for p in (out / "models").rglob("best.pt")} == models
+    assert {p: p.stat().st_mtime_ns for p in (out / "dataset").rglob("*.nii")} == volumes
+    table = (out / "report" / "compute_cost.md").read_text()
+    assert table.count("already done") == len(models) + len(TRAINED) + 4  # trainings, reconstructions, data/simulate/fbp/bm3d
+    assert "compute cost:" in again.stdout

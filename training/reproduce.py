@@ -1,0 +1,233 @@
+"""The whole §3 experiment in one command (``tact reproduce``).
+
+Stages, each skipped when a previous run of the same command finished it::
+
+    data          LiTS folder: the user's (--lits), else synthetic phantoms (+ the real sample)
+    simulate      paired low-dose / full-dose data set, split by patient
+    fbp, bm3d     classical baselines, parameters chosen on training slices
+    segmentation  pre-train g on full-dose training slices
+    baseunet      f with alpha = 0 (MSE only)
+    ta<alpha>     f with the frozen g, for each alpha
+    joint<C>      f and g trained together, for each C
+    reconstruct   each trained f applied to the data set
+    evaluate      Tables I and II, Figures 3 and 4, training curves
+
+Layout of ``RUN/``::
+
+    lits/  dataset/  models/<stage>/  report/  cost.json
+
+``cost.json`` keeps the wall time of every stage (from the run that executed it), and the
+report's ``compute_cost.md`` states the total, so the cost of a reproduction is on record
+next to its results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from training.checkpoints import method_name, read_model
+from training.dataset import SimulatedDataset
+from training.errors import DataError
+from training.fileio import atomic_path, save_json
+from training.presets import PRESETS, Preset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Wall time of one stage, and whether this invocation ran it or found it done."""
+
+    stage: str
+    seconds: float
+    ran: bool
+
+
+class Reproduction:
+    """One reproduction of the experiment in a run folder.
+
+    Args:
+        preset: a :class:`~training.presets.Preset` or its name.
+        out: the run folder.
+        lits: a LiTS-format folder; default: synthetic phantoms (plus the real sample where
+            the preset includes it).
+        workers: processes for simulation, baselines and evaluation (default: every core).
+        device: training device (default: CUDA where available).
+        progress: progress bars.
+    """
+
+    def __init__(self, preset: Preset | str, out: str | Path, lits: str | Path | None = None,
+                 workers: int | None = None, device: str | None = None, progress: bool = True) -> None:
+        if isinstance(preset, str):
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
+            preset = PRESETS[preset]
+        self.preset = preset
+        self.out = Path(out)
+        self.lits = Path(lits) if lits is not None else None
+        self.workers, self.device, self.progress = workers, device, progress
+        self.costs: list[StageCost] = []
+        self._recorded = self._read_costs()
+        if self.lits is not None:
+            from training.loaders import find_lits_cases
+
+            find_lits_cases(self.lits)  # a clear error now rather than after the first stage
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _read_costs(self) -> dict[str, float]:
+        path = self.out / "cost.json"
+        if not path.is_file():
+            return {}
+        record = json.loads(path.read_text())
+        if record.get("preset") != self.preset.name:
+            raise DataError(self.out, f"holds a reproduction with preset {record.get('preset')!r}, not "
+                                      f"{self.preset.name!r}; use a new --out")
+        return dict(record["stages"])
+
+    def _stage(self, name: str, done: bool, action: Callable[[], object]) -> None:
+        if done:
+            log.info("stage %s: already done", name)
+            self.costs.append(StageCost(name, self._recorded.get(name, 0.0), ran=False))
+            return
+        log.info("stage %s", name)
+        start = time.perf_counter()
+        action()
+        seconds = time.perf_counter() - start
+        self._recorded[name] = seconds
+        self.costs.append(StageCost(name, seconds, ran=True))
+        self._save_costs()
+
+    def _save_costs(self) -> None:
+        save_json(self.out / "cost.json", {"preset": self.preset.name, "stages": self._recorded,
+                                           "machine": machine_description()})
+
+    # -- stages ---------------------------------------------------------------------------
+
+    @property
+    def lits_dir(self) -> Path:
+        return self.lits if self.lits is not None else self.out / "lits"
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.out / "dataset"
+
+    def model_dir(self, stage: str) -> Path:
+        return self.out / "models" / stage
+
+    def run(self) -> list[StageCost]:
+        """Run every stage that is not done yet; returns each stage's cost."""
+        from training.baselines import run_bm3d, run_fbp
+        from training.simulate import SimulationSettings, simulate_dataset
+
+        preset = self.preset
+        self.out.mkdir(parents=True, exist_ok=True)
+        sample_case = str(preset.phantom_volumes) if self.lits is None and preset.include_sample else None
+        self._stage("data", self.lits is not None or (self.out / "lits" / ".complete").is_file(), lambda: self._write_phantoms(sample_case))
+        settings = SimulationSettings(photons=preset.photons, num_angles=preset.angles, size=preset.size,
+                                      test_fraction=preset.test_fraction, test_cases=(sample_case,) if sample_case else ())
+        simulated = (self.dataset_dir / "dataset.json").is_file() and _complete(self.dataset_dir)
+        self._stage("simulate", simulated, lambda: simulate_dataset(self.lits_dir, self.dataset_dir, settings,
+                                                                      workers=self.workers, progress=self.progress))
+        dataset = SimulatedDataset(self.dataset_dir)
+        self._stage("fbp", bool(dataset.methods.get("fbp", {}).get("tuned_on")),
+                    lambda: run_fbp(dataset, workers=self.workers, progress=self.progress))
+        self._stage("bm3d", dataset.has_method("bm3d"),
+                    lambda: run_bm3d(dataset, sweep=preset.bm3d_sweep, workers=self.workers, progress=self.progress))
+
+        segmenter = self.model_dir("segmentation") / "best.pt"
+        self._train("segmentation", preset.config("segmentation"))
+        reconstructions = {"baseunet": preset.config("reconstruction", 0.0, str(segmenter))}
+        for alpha in preset.alphas:
+            reconstructions[method_name("reconstruction", alpha)] = preset.config("reconstruction", alpha, str(segmenter))
+        for c in preset.cs:
+            reconstructions[method_name("joint", c)] = preset.config("joint", c)
+        for stage, config in reconstructions.items():
+            self._train(stage, config)
+        for stage in reconstructions:
+            self._reconstruct(dataset, stage)
+        self._stage("evaluate", False, lambda: self._evaluate(dataset, list(reconstructions), segmenter))
+        self._write_cost_report()
+        return self.costs
+
+    def _write_phantoms(self, sample_case: str | None) -> None:
+        from training.phantom import write_phantom_dataset
+        from training.sample_data import load_sample
+        from training.volume import write_lits_case
+
+        lits = self.out / "lits"
+        write_phantom_dataset(lits, self.preset.phantom_volumes, size=self.preset.size, slices=self.preset.phantom_slices,
+                              seed=0, progress=self.progress)
+        if sample_case is not None:
+            write_lits_case(lits, int(sample_case), load_sample())
+        (lits / ".complete").write_text(json.dumps({"phantoms": self.preset.phantom_volumes, "sample_case": sample_case}))
+
+    def _train(self, stage: str, config) -> None:
+        from training.engine import read_summary, train
+
+        run = self.model_dir(stage)
+        self._stage(stage, read_summary(run) is not None,
+                    lambda: train(config, self.dataset_dir, run, device=self.device, progress=self.progress))
+
+    def _reconstruct(self, dataset: SimulatedDataset, stage: str) -> None:
+        from training.inference import reconstruct_dataset
+
+        checkpoint = self.model_dir(stage) / "best.pt"
+        record = dataset.methods.get(stage, {})
+        current = (dataset.has_method(stage) and record.get("checkpoint") == str(checkpoint.resolve())
+                   and record.get("epoch") == read_model(checkpoint).epoch)
+        self._stage(f"reconstruct {stage}", current,
+                    lambda: reconstruct_dataset(dataset, checkpoint, method=stage, device=self.device, progress=self.progress))
+
+    def _evaluate(self, dataset: SimulatedDataset, trained: list[str], segmenter: Path) -> None:
+        from training.curves import plot_training_curves
+        from training.evaluate import evaluate_dataset
+
+        methods = ["lowdose", "fbp", "bm3d", *trained, "fulldose"]
+        report = self.out / "report"
+        evaluate_dataset(SimulatedDataset(dataset.root), methods, report, split="test", figures=self.preset.figures,
+                         workers=self.workers, progress=self.progress, segmenter=segmenter, device=self.device)
+        runs = {"segmentation": self.model_dir("segmentation"), **{m: self.model_dir(m) for m in trained}}
+        plot_training_curves(runs, report / "figures" / "training_curves.png")
+
+    def _write_cost_report(self) -> None:
+        total = sum(cost.seconds for cost in self.costs)
+        lines = [f"Compute cost of `tact reproduce --preset {self.preset.name}`", "",
+                 f"Machine: {machine_description()}.", "",
+                 "| stage | wall time | this invocation |", "|---|---|---|"]
+        lines += [f"| {c.stage} | {format_seconds(c.seconds)} | {'ran' if c.ran else 'already done'} |" for c in self.costs]
+        lines += [f"| **total** | **{format_seconds(total)}** | |", ""]
+        with atomic_path(self.out / "report" / "compute_cost.md") as tmp:
+            tmp.write_text("\n".join(lines))
+
+
+def _complete(root: Path) -> bool:
+    try:
+        SimulatedDataset(root)
+    except DataError:
+        return False
+    return True
+
+
+def machine_description() -> str:
+    """CPU cores and GPU of this machine, for the cost record."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU core(s) ({platform.processor() or platform.machine()}), {gpu}"
+
+
+def format_seconds(seconds: float) -> str:
+    """``1 h 02 min``, ``3 min 05 s`` or ``12.3 s``."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    if seconds >= 60:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{seconds:.1f} s"
