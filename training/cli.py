@@ -88,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "train", "all"), default="test", help="slices to evaluate (default: %(default)s)")
     p.add_argument("--figures", type=int, default=2, help="number of example slices to draw (default: %(default)s)")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: every core)")
+    p.add_argument("--segmenter", type=Path, default=None,
+                   help="best.pt of `tact train segmentation`: adds Dice columns, table_dice.md (Table II) and Fig. 4")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="for the segmenter (default: cuda where available)")
+
+    p = commands.add_parser("reconstruct", help="apply a trained reconstruction U-Net to every slice of a data set")
+    p.add_argument("--dataset", required=True, type=Path, help="data set folder from `tact simulate`")
+    p.add_argument("--checkpoint", required=True, type=Path, help="best.pt of `tact train reconstruction` or `tact train joint`")
+    p.add_argument("--method", default=None, help="name in the data set and the report (default: baseunet, ta<alpha> or joint<C>)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="slices per forward pass (default: %(default)s)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda where available")
 
     p = commands.add_parser("train", help="train the segmentation network, a reconstruction U-Net or the joint baseline")
     trainings = p.add_subparsers(dest="task", required=True, metavar="TASK")
@@ -194,9 +204,21 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     from training.evaluate import evaluate_dataset
 
     evaluate_dataset(SimulatedDataset(args.dataset), args.methods, args.out, split=args.split, figures=args.figures,
-                     workers=args.workers, progress=progress)
+                     workers=args.workers, progress=progress, segmenter=args.segmenter, device=args.device)
     print((args.out / "table_reconstruction.md").read_text())
+    if args.segmenter is not None:
+        print((args.out / "table_dice.md").read_text())
     print(f"report: {args.out}")
+    return 0
+
+
+def _reconstruct(args: argparse.Namespace, progress: bool) -> int:
+    from training.dataset import SimulatedDataset
+    from training.inference import reconstruct_dataset
+
+    method = reconstruct_dataset(SimulatedDataset(args.dataset), args.checkpoint, method=args.method,
+                                 batch_size=args.batch_size, device=args.device, progress=progress)
+    print(f"{args.dataset}: wrote method {method!r}; evaluate it with `tact evaluate --methods ...,{method}`")
     return 0
 
 
@@ -266,6 +288,7 @@ _COMMANDS = {
     "evaluate": _evaluate,
     "demo": _demo,
     "train": _train,
+    "reconstruct": _reconstruct,
     "reproduce": _reproduce,
 }
 

@@ -1,45 +1,74 @@
-"""Evaluation and report (``tact evaluate``): the paper's Table I and Fig. 3 for a data set.
+"""Evaluation and report (``tact evaluate``): the paper's Tables I-II and Figs. 3-4 for a data set.
 
 Writes, into the report folder:
 
-* ``metrics.csv``: one row per method and slice, ``method,case,slice,psnr,ssim,rmse_hu``
-  (ROI PSNR in dB and SSIM on the normalised image with data range 1; RMSE against the
-  full dose inside the ROI, in HU);
+* ``metrics.csv``: one row per method and slice,
+  ``method,case,slice,psnr,ssim,rmse_hu,dice_liver,dice_tumour,dice`` (ROI PSNR in dB and
+  SSIM on the normalised image with data range 1; RMSE against the full dose inside the
+  ROI, in HU; Dice of the pre-trained segmenter's map of the method's image against the
+  reference labels, per class and their mean: empty without a segmenter);
 * ``table_reconstruction.md``: mean ± std per method, in the form of the paper's Table I;
+* ``table_dice.md`` (with a segmenter): mean ± std Dice per method, the paper's Table II;
 * ``figures/``: Fig. 3-style panels (low-dose, each method, full dose, with per-image PSNR
-  and SSIM) and box plots of PSNR and SSIM per method.
+  and SSIM), with a segmenter Fig. 4-style panels (each image with g's predicted map
+  overlaid, and the reference map), and box plots of the metrics per method.
+
+Dice follows the paper (§3.2): the frozen segmenter g, pre-trained on full-dose scans, is
+applied to every method's image, full dose included, and only the liver and tumour classes
+are scored (:func:`training.metrics.dice_per_class`; a class absent from both the
+prediction and the reference scores 1).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from training.dataset import FULLDOSE, SimulatedDataset, SliceRef, worker_dataset
+from training.dataset import FULLDOSE, LOWDOSE, SimulatedDataset, SliceRef, worker_dataset
 from training.errors import DataError
 from training.fileio import atomic_path
-from training.metrics import roi_psnr_ssim
+from training.metrics import DICE_LABELS, dice_per_class, roi_psnr_ssim
 from training.parallel import process_pool
 from training.physics import disc_mask, hu_per_normalized_unit
+from training.volume import LABEL_LIVER, LABEL_TUMOR
+
+# torch and MONAI (training.inference, training.checkpoints) take seconds to import; they
+# are imported where they are used, so that the pool's workers, which import this module
+# for _evaluate_slice, start quickly.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from training.checkpoints import ModelFile
 
 log = logging.getLogger(__name__)
 
-METHOD_LABELS = {"lowdose": "Low-dose", "fbp": "FBP", "bm3d": "BM3D", "fulldose": "Full-dose"}
 DEFAULT_METHODS = ("lowdose", "fbp", "bm3d", "fulldose")
 SOFT_TISSUE_WINDOW_HU = (40.0, 400.0)
 """(level, width) of the display window."""
+SEGMENTATION_COLOURS = {LABEL_LIVER: (0.0, 0.85, 0.0), LABEL_TUMOR: (0.95, 0.0, 0.0)}
+"""Overlay colours of the predicted maps (RGB): liver green, tumour red, as in the paper's Fig. 4."""
+OVERLAY_ALPHA = 0.45
 
 
 @dataclass(frozen=True)
 class SliceMetrics:
-    """Reconstruction quality of one method on one slice (ROI: the inscribed disc)."""
+    """Quality of one method on one slice.
+
+    ``psnr`` (dB), ``ssim`` and ``rmse_hu`` (HU) against the full dose inside the disc ROI;
+    ``dice_liver``, ``dice_tumour`` and their mean ``dice`` score the segmenter's map of the
+    method's image against the reference labels (NaN when no segmenter was given).
+    """
 
     method: str
     case: str
@@ -47,6 +76,13 @@ class SliceMetrics:
     psnr: float
     ssim: float
     rmse_hu: float
+    dice_liver: float = math.nan
+    dice_tumour: float = math.nan
+    dice: float = math.nan
+
+    @property
+    def has_dice(self) -> bool:
+        return not math.isnan(self.dice)
 
 
 @dataclass(frozen=True)
@@ -69,6 +105,23 @@ def _evaluate_slice(job: _Job) -> list[SliceMetrics]:
     return rows
 
 
+def _label(method: str) -> str:
+    """:func:`training.inference.method_label` (imported on first use, see above)."""
+    from training.inference import method_label
+
+    return method_label(method)
+
+
+def _missing_hint(method: str) -> str:
+    from training.inference import BASELINES
+
+    if method in BASELINES:
+        return f"run `tact baseline {method}` first"
+    if method in (FULLDOSE, LOWDOSE):
+        return "re-run `tact simulate`"
+    return "run `tact reconstruct` with the model's best.pt first (an interrupted run is not counted)"
+
+
 def evaluate_dataset(
     dataset: SimulatedDataset,
     methods: Sequence[str] = DEFAULT_METHODS,
@@ -77,54 +130,167 @@ def evaluate_dataset(
     figures: int = 2,
     workers: int | None = None,
     progress: bool = True,
+    segmenter: str | Path | None = None,
+    device: str | torch.device | None = None,
 ) -> list[SliceMetrics]:
     """Measure ``methods`` on every slice of ``split`` and write the report into ``out``.
 
+    Args:
+        dataset: the simulated data set.
+        methods: ``lowdose``, ``fbp``, ``bm3d``, ``fulldose`` and trained reconstructors
+            written by :func:`training.inference.reconstruct_dataset` (``baseunet``,
+            ``ta0.5``, ``joint0.9``, ...), in table order.
+        out: the report folder.
+        split: ``test`` (the paper's), ``train`` or ``all``.
+        figures: number of example slices drawn (Fig. 3, and Fig. 4 with a segmenter).
+        workers: processes for PSNR / SSIM (default: every core).
+        progress: show progress bars.
+        segmenter: a ``segmentation`` model file (the pre-trained g): adds Dice to every
+            row, ``table_dice.md`` and the segmentation figures.
+        device: where g runs (default: the first GPU where there is one).
+
+    Returns:
+        one row per method and slice, as written to ``metrics.csv``.
+
     Raises:
-        DataError: if a method has not been computed for the data set, or the split is empty.
+        ValueError: an unknown method name.
+        DataError: a method not computed for the data set, an empty split, or a segmenter
+            file that holds no segmentation network or cannot take the data set's slices.
     """
+    from training.inference import default_device, is_known_method
+
     methods = tuple(dict.fromkeys(methods))
-    unknown = [m for m in methods if m not in METHOD_LABELS]
+    unknown = [m for m in methods if not is_known_method(m)]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHOD_LABELS)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(DEFAULT_METHODS)} or a trained "
+                         "reconstructor: baseunet, ta<alpha> (e.g. ta0.5), joint<C> (e.g. joint0.9)")
     missing = [m for m in methods if not dataset.has_method(m)]
     if missing:
-        raise DataError(dataset.root, f"method(s) {missing} not computed for this data set; run `tact baseline {missing[0]}` first")
+        raise DataError(dataset.root, f"method(s) {missing} not computed for this data set; {_missing_hint(missing[0])}")
     refs = dataset.slices(split)
     if not refs:
         raise DataError(dataset.root, f"the {split!r} split holds no slices (splits: {dataset.manifest['split']})")
+    g, g_file = (None, None) if segmenter is None else _load_evaluation_segmenter(segmenter, dataset)
     out = Path(out)
-    jobs = [_Job(str(dataset.root), ref, methods) for ref in refs]
-    with process_pool(workers) as pool:
-        per_slice = list(tqdm(pool.imap(_evaluate_slice, jobs), total=len(jobs), desc="evaluate", unit="slice", disable=not progress))
-    rows = [row for slice_rows in per_slice for row in slice_rows]
-    write_metrics_csv(out / "metrics.csv", rows)
-    with atomic_path(out / "table_reconstruction.md") as tmp:
-        tmp.write_text(reconstruction_table(rows, methods, _provenance(dataset, split)))
     figure_refs = pick_figure_slices(dataset, refs, figures)
+    jobs = [_Job(str(dataset.root), ref, methods) for ref in refs]
+    run_on = default_device(device)
+
+    def segment() -> tuple[dict, dict]:
+        return ({}, {}) if g is None else segment_and_score(dataset, refs, methods, g, run_on, set(figure_refs), progress)
+
+    # On a GPU, g runs here while the pool computes PSNR / SSIM; on the CPU it waits for the
+    # pool, since torch's threads and the workers competing for the same cores slow both
+    # down several times over.
+    overlap = run_on.type != "cpu"
+    with process_pool(workers) as pool:
+        pending = pool.imap(_evaluate_slice, jobs)
+        if overlap:
+            dice, predictions = segment()
+        per_slice = list(tqdm(pending, total=len(jobs), desc="evaluate", unit="slice", disable=not progress))
+    if not overlap:
+        dice, predictions = segment()
+    rows = [row for slice_rows in per_slice for row in slice_rows]
+    if g is not None:
+        rows = [dataclasses.replace(r, **dice[r.method, SliceRef(r.case, r.slice)]) for r in rows]
+    write_metrics_csv(out / "metrics.csv", rows)
+    provenance = _provenance(dataset, split)
+    with atomic_path(out / "table_reconstruction.md") as tmp:
+        tmp.write_text(reconstruction_table(rows, methods, provenance))
+    if g_file is not None:
+        with atomic_path(out / "table_dice.md") as tmp:
+            tmp.write_text(dice_table(rows, methods, f"{provenance}\n{segmenter_provenance(g_file)}"))
     for ref in figure_refs:
         metrics = {r.method: r for r in rows if r.case == ref.case and r.slice == ref.index}
-        plot_reconstructions(dataset, ref, methods, metrics, out / "figures" / f"reconstructions_{ref.case}_{ref.index:03d}.png")
+        name = f"{ref.case}_{ref.index:03d}.png"
+        plot_reconstructions(dataset, ref, methods, metrics, out / "figures" / f"reconstructions_{name}")
+        if g is not None:
+            maps = {m: predictions[m, ref] for m in methods}
+            plot_segmentations(dataset, ref, methods, metrics, maps, out / "figures" / f"segmentations_{name}")
     plot_metric_distributions(rows, methods, out / "figures" / "metrics_boxplot.png")
-    log.info("wrote %s (%d slices, %d methods, %d figures)", out, len(refs), len(methods), len(figure_refs) + 1)
+    count = len(figure_refs) * (2 if g is not None else 1) + 1
+    log.info("wrote %s (%d slices, %d methods, %d figures)", out, len(refs), len(methods), count)
     return rows
 
 
+def _load_evaluation_segmenter(path: str | Path, dataset: SimulatedDataset) -> tuple[nn.Module, ModelFile]:
+    """g (eval mode) and its model file, checked against the data set's slice size before any work."""
+    from training.checkpoints import load_segmenter, read_model
+
+    g = load_segmenter(path)
+    model = read_model(path)
+    size, factor = dataset.settings["size"], 2**model.network.depth
+    if size % factor:
+        raise DataError(model.path, f"its U-Net (depth {model.network.depth}) needs image sides that are multiples of "
+                                    f"{factor}, but the data set's slices are {size} x {size} px")
+    return g, model
+
+
+def segment_and_score(
+    dataset: SimulatedDataset,
+    refs: Sequence[SliceRef],
+    methods: Sequence[str],
+    segmenter: nn.Module,
+    device: str | torch.device | None = None,
+    keep: set[SliceRef] | frozenset[SliceRef] = frozenset(),
+    progress: bool = False,
+    batch_size: int = 16,
+) -> tuple[dict[tuple[str, SliceRef], dict[str, float]], dict[tuple[str, SliceRef], np.ndarray]]:
+    """Apply g to each method's image of each slice and score its map against the reference labels.
+
+    Returns:
+        ``{(method, ref): {"dice_liver", "dice_tumour", "dice"}}`` for every pair, and g's
+        ``(N, N)`` uint8 label maps for the slices in ``keep`` (for the figures).
+    """
+    from training.inference import segment_images
+
+    scores: dict[tuple[str, SliceRef], dict[str, float]] = {}
+    maps: dict[tuple[str, SliceRef], np.ndarray] = {}
+    with tqdm(total=len(refs) * len(methods), desc="segment", unit="image", disable=not progress) as bar:
+        for method in methods:
+            for start in range(0, len(refs), batch_size):
+                batch = refs[start : start + batch_size]
+                images = np.stack([dataset.slice(method, r) for r in batch])
+                predicted = segment_images(segmenter, images, batch_size, device)
+                for ref, labels in zip(batch, predicted):
+                    per_class = dice_per_class(labels, dataset.segmentation(ref), DICE_LABELS)
+                    scores[method, ref] = {"dice_liver": per_class[LABEL_LIVER], "dice_tumour": per_class[LABEL_TUMOR],
+                                           "dice": float(np.mean(list(per_class.values())))}
+                    if ref in keep:
+                        maps[method, ref] = labels
+                bar.update(len(batch))
+    return scores, maps
+
+
 def write_metrics_csv(path: str | Path, rows: Sequence[SliceMetrics]) -> None:
-    """One CSV row per method and slice, written atomically."""
+    """One CSV row per method and slice, written atomically; a missing (NaN) value is left empty."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(SliceMetrics)], lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in asdict(row).items()})
+        writer.writerow({k: _cell(v) for k, v in asdict(row).items()})
     with atomic_path(path) as tmp:
         tmp.write_text(buffer.getvalue())
 
 
+def _cell(value: object) -> object:
+    """A CSV cell: floats with 6 decimals, NaN (no value) empty."""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6f}"
+    return value
+
+
+def _number(text: str | None) -> float:
+    """A CSV cell as a float: empty or absent (a report written without Dice) is NaN."""
+    return math.nan if text is None or text == "" else float(text)
+
+
 def read_metrics_csv(path: str | Path) -> list[SliceMetrics]:
+    """The rows of a ``metrics.csv`` (with or without the Dice columns)."""
     with open(path, newline="") as handle:
         return [
-            SliceMetrics(r["method"], r["case"], int(r["slice"]), float(r["psnr"]), float(r["ssim"]), float(r["rmse_hu"]))
+            SliceMetrics(r["method"], r["case"], int(r["slice"]), float(r["psnr"]), float(r["ssim"]), float(r["rmse_hu"]),
+                         _number(r.get("dice_liver")), _number(r.get("dice_tumour")), _number(r.get("dice")))
             for r in csv.DictReader(handle)
         ]
 
@@ -145,13 +311,40 @@ def reconstruction_table(rows: Sequence[SliceMetrics], methods: Sequence[str], p
     for method in methods:
         mine = [r for r in rows if r.method == method]
         if method == FULLDOSE:
-            lines.append(f"| {METHOD_LABELS[method]} | reference | reference | 0 | {len(mine)} |")
+            lines.append(f"| {_label(method)} | reference | reference | 0 | {len(mine)} |")
             continue
         lines.append(
-            f"| {METHOD_LABELS[method]} | {_mean_std([r.psnr for r in mine], 2)} | {_mean_std([r.ssim for r in mine], 4)} "
+            f"| {_label(method)} | {_mean_std([r.psnr for r in mine], 2)} | {_mean_std([r.ssim for r in mine], 4)} "
             f"| {_mean_std([r.rmse_hu for r in mine], 0)} | {len(mine)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def dice_table(rows: Sequence[SliceMetrics], methods: Sequence[str], provenance: str = "") -> str:
+    """Markdown table of mean ± std (population std) Dice per method (Table II form).
+
+    The Dice column is the paper's score, the mean of the liver and tumour classes per
+    slice; the per-class means follow it. Methods without Dice values are left out.
+    """
+    lines = ["Table II: Dice scores (mean ± std) of the pre-trained segmentation model, "
+             "liver and tumour classes (background excluded)", ""]
+    if provenance:
+        lines += [provenance, ""]
+    lines += ["| Method | Dice | Dice liver | Dice tumour | slices |", "|---|---|---|---|---|"]
+    for method in methods:
+        mine = [r for r in rows if r.method == method and r.has_dice]
+        if mine:
+            lines.append(f"| {_label(method)} | {_mean_std([r.dice for r in mine], 4)} "
+                         f"| {_mean_std([r.dice_liver for r in mine], 4)} | {_mean_std([r.dice_tumour for r in mine], 4)} "
+                         f"| {len(mine)} |")
+    return "\n".join(lines) + "\n"
+
+
+def segmenter_provenance(model: ModelFile) -> str:
+    """One line naming the segmenter file, its epoch and its validation metrics."""
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(model.metrics.items())) or "none recorded"
+    return (f"Segmenter: {model.path.resolve()} ({model.task} model, epoch {model.epoch}; validation metrics: {metrics}). "
+            "A class absent from both the predicted and the reference map scores 1.")
 
 
 def _provenance(dataset: SimulatedDataset, split: str) -> str:
@@ -203,43 +396,103 @@ def plot_reconstructions(
 
     order = [m for m in methods if m != FULLDOSE] + [FULLDOSE]
     level, width = SOFT_TISSUE_WINDOW_HU
-    fig, axes = plt.subplots(1, len(order), figsize=(3.2 * len(order), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(order), figsize=(3.2 * len(order), 3.9), squeeze=False, layout="constrained")
     for ax, method in zip(axes[0], order):
         ax.imshow(display_slice(dataset.slice_hu(method, ref)), cmap="gray", vmin=level - width / 2, vmax=level + width / 2)
-        if method == FULLDOSE:
-            title = "Full-dose (reference)"
-        else:
-            m = metrics[method]
-            title = f"{METHOD_LABELS[method]}\nPSNR {m.psnr:.2f} dB, SSIM {m.ssim:.3f}"
-        ax.set_title(title, fontsize=9)
+        ax.set_title(_panel_title(method, metrics.get(method)), fontsize=9)
         ax.axis("off")
     fig.suptitle(f"case {ref.case}, slice {ref.index} (window L{level:g} W{width:g} HU)", fontsize=10)
-    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _panel_title(method: str, m: SliceMetrics | None) -> str:
+    """Method label, then PSNR and SSIM (the full dose is their reference), then Dice when measured."""
+    if method == FULLDOSE:
+        title = "Full-dose (reference)"
+    else:
+        title = f"{_label(method)}\nPSNR {m.psnr:.2f} dB, SSIM {m.ssim:.3f}"
+    if m is not None and m.has_dice:
+        title += f"\nDice {m.dice:.3f}"
+    return title
+
+
+def label_overlay(labels: np.ndarray) -> np.ndarray:
+    """RGBA ``(H, W, 4)`` overlay of a label map: liver green, tumour red, background clear."""
+    overlay = np.zeros(labels.shape + (4,), dtype=np.float32)
+    for label, colour in SEGMENTATION_COLOURS.items():
+        overlay[labels == label] = (*colour, OVERLAY_ALPHA)
+    return overlay
+
+
+def plot_segmentations(
+    dataset: SimulatedDataset,
+    ref: SliceRef,
+    methods: Sequence[str],
+    metrics: dict[str, SliceMetrics],
+    predictions: dict[str, np.ndarray],
+    path: str | Path,
+) -> None:
+    """Fig. 4-style row: g's predicted map over each method's image, full dose, then the reference map.
+
+    Args:
+        predictions: each method's ``(N, N)`` label map of this slice, from the segmenter
+            (the full-dose panel is drawn when the full dose is among them).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = [m for m in methods if m != FULLDOSE] + ([FULLDOSE] if FULLDOSE in predictions else [])
+    level, width = SOFT_TISSUE_WINDOW_HU
+    panels = [(dataset.slice_hu(m, ref), predictions[m], _panel_title(m, metrics.get(m))) for m in order]
+    panels.append((dataset.slice_hu(FULLDOSE, ref), dataset.segmentation(ref), "Ground truth map\n(on the full dose)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.9), squeeze=False, layout="constrained")
+    for ax, (image, labels, title) in zip(axes[0], panels):
+        ax.imshow(display_slice(image), cmap="gray", vmin=level - width / 2, vmax=level + width / 2)
+        ax.imshow(label_overlay(display_slice(labels)), interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"case {ref.case}, slice {ref.index}: segmenter maps (liver green, tumour red; "
+                 f"window L{level:g} W{width:g} HU)", fontsize=10)
     _save_figure(fig, path)
 
 
 def plot_metric_distributions(rows: Sequence[SliceMetrics], methods: Sequence[str], path: str | Path) -> None:
-    """Box plots of per-slice PSNR and SSIM for each method (full dose excluded)."""
+    """Box plots of per-slice PSNR and SSIM per method, and of Dice when the rows have it.
+
+    The full dose is the reference of PSNR and SSIM and is left out of them; its Dice is the
+    upper limit the others are compared with, so it is shown there.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shown = [m for m in methods if m != FULLDOSE]
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(shown), 3.6))
-    for ax, metric, unit in zip(axes, ("psnr", "ssim"), ("dB", "")):
-        data = [[getattr(r, metric) for r in rows if r.method == m] for m in shown]
+    panels = [("psnr", "PSNR (dB)", shown), ("ssim", "SSIM", shown)]
+    if any(r.has_dice for r in rows):
+        panels.append(("dice", "Dice (liver, tumour)", list(methods)))
+    longest = max(len(p[2]) for p in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (1.6 + 0.75 * longest), 4.2), squeeze=False,
+                             layout="constrained")
+    for ax, (metric, ylabel, names) in zip(axes[0], panels):
+        data = [[getattr(r, metric) for r in rows if r.method == m and not math.isnan(getattr(r, metric))] for m in names]
         ax.boxplot(data)
-        ax.set_xticks(range(1, len(shown) + 1), [METHOD_LABELS[m] for m in shown])
-        ax.set_ylabel(f"{metric.upper()} ({unit})" if unit else metric.upper())
+        ax.set_xticks(range(1, len(names) + 1), [_label(m) for m in names], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"Per-slice reconstruction quality ({len(data[0]) if data else 0} slices)", fontsize=10)
-    fig.tight_layout()
+    slices = len({(r.case, r.slice) for r in rows})
+    fig.suptitle(f"Per-slice quality ({slices} slices)", fontsize=10)
     _save_figure(fig, path)
 
 
 def _save_figure(fig, path: str | Path) -> None:
     import matplotlib.pyplot as plt
+
+    engine = fig.get_layout_engine()
+    if engine is not None and hasattr(engine, "set"):  # constrained layout: room between suptitle and titles
+        engine.set(h_pad=0.06)
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)

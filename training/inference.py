@@ -1,0 +1,303 @@
+"""Applying trained networks: f to a data set's low-dose scans, g to any images.
+
+* :func:`segment_images` runs the segmentation network g on a stack of images and returns
+  hard label maps (the argmax of its three class logits);
+* :func:`reconstruct_images` runs a reconstruction network f on a stack of images;
+* :func:`reconstruct_dataset` (``tact reconstruct``) applies a trained f to every low-dose
+  slice of a data set and writes its volumes beside the baselines'
+  (``lowdose/labels/<method>/<case>.nii``, HU, float32), so that ``tact evaluate`` can
+  compare it with them;
+* :func:`method_label` names methods in tables and figures the way the paper does.
+
+Method names: the fixed ``lowdose``, ``fbp``, ``bm3d`` and ``fulldose``, and the trained
+reconstructors ``baseunet`` (alpha = 0), ``ta<alpha>`` (task-adaptive) and ``joint<C>``
+(joint training), with the weight written as :func:`training.checkpoints.method_name`
+writes it (``ta0.5``, ``joint0.9``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.networks.nets import DynUNet
+from torch import nn
+from tqdm.auto import tqdm
+
+from training.checkpoints import describe_model, load_reconstructor, method_name
+from training.dataset import FULLDOSE, LOWDOSE, SEGMENTATION, SimulatedDataset, volume_path
+from training.errors import DataError
+from training.fileio import save_nifti
+from training.physics import normalized_to_hu
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("fbp", "bm3d")
+RESERVED_METHODS = (LOWDOSE, FULLDOSE, SEGMENTATION, *BASELINES)
+"""Names a trained reconstructor may not be written under: the data set's own volumes."""
+_FIXED_LABELS = {LOWDOSE: "Low-dose", "fbp": "FBP", "bm3d": "BM3D", FULLDOSE: "Full-dose"}
+BASE_UNET = "baseunet"
+_WEIGHTED = re.compile(r"^(ta|joint)(.+)$")
+
+
+def _trained_weight(name: str) -> tuple[str, float] | None:
+    """``("reconstruction" | "joint", weight)`` of a trained method's name, or None if it is not one.
+
+    Only the canonical spelling (:func:`training.checkpoints.method_name`'s) is accepted, so
+    that one model has one name: ``ta0.5``, not ``ta0.50`` or ``ta5e-1``.
+    """
+    if name == BASE_UNET:
+        return "reconstruction", 0.0
+    match = _WEIGHTED.match(name)
+    if match is None:
+        return None
+    try:
+        weight = float(match.group(2))
+    except ValueError:
+        return None
+    task = "reconstruction" if match.group(1) == "ta" else "joint"
+    if not math.isfinite(weight) or not 0.0 <= weight <= 1.0 or (task == "reconstruction" and weight == 0.0):
+        return None  # alpha = 0 is spelled baseunet
+    return (task, weight) if method_name(task, weight) == name else None
+
+
+def is_known_method(name: str) -> bool:
+    """Whether ``name`` is a method the evaluation can label (see the module docstring)."""
+    return name in _FIXED_LABELS or _trained_weight(name) is not None
+
+
+def method_label(method: str) -> str:
+    """The name of a method in tables and figures, as in the paper's Tables I and II.
+
+    ``lowdose`` "Low-dose", ``fbp`` "FBP", ``bm3d`` "BM3D", ``fulldose`` "Full-dose",
+    ``baseunet`` "Base U-Net", ``ta0.5`` "Task-adaptive α=0.5", ``joint0.9``
+    "Joint training C=0.9".
+
+    Raises:
+        ValueError: for any other name.
+    """
+    if method in _FIXED_LABELS:
+        return _FIXED_LABELS[method]
+    parsed = _trained_weight(method)
+    if parsed is None:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(_FIXED_LABELS)}, "
+                         f"{BASE_UNET}, ta<alpha> (e.g. ta0.5) and joint<C> (e.g. joint0.9)")
+    task, weight = parsed
+    if method == BASE_UNET:
+        return "Base U-Net"
+    return f"Task-adaptive α={weight:g}" if task == "reconstruction" else f"Joint training C={weight:g}"
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, or the first GPU where there is one and the CPU otherwise."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def downsampling_factor(network: nn.Module) -> int:
+    """The total down-sampling factor of the U-Net inside ``network`` (``2**depth``).
+
+    Image sides must be multiples of it. 1 when ``network`` holds no MONAI ``DynUNet``
+    (nothing is known about it).
+    """
+    for module in network.modules():
+        if isinstance(module, DynUNet):
+            return int(np.prod([np.max(s) for s in module.strides]))
+    return 1
+
+
+def _check_images(images: np.ndarray, network: nn.Module) -> np.ndarray:
+    """A ``(B, H, W)`` stack of finite floating-point images as float32, or a ValueError."""
+    images = np.asarray(images)
+    if images.ndim != 3:
+        raise ValueError(f"images must be a (B, H, W) stack of slices, got shape {images.shape}")
+    if images.dtype.kind != "f":
+        raise ValueError(f"images must be floating-point normalised attenuation, got dtype {images.dtype}")
+    finite = np.isfinite(images).all(axis=(1, 2))
+    if not finite.all():
+        raise ValueError(f"images {np.flatnonzero(~finite)[:10].tolist()} of the stack contain NaN or infinite values")
+    factor = downsampling_factor(network)
+    if images.shape[1] % factor or images.shape[2] % factor:
+        raise ValueError(f"the network down-samples by {factor}: image sides must be multiples of it, "
+                         f"got {images.shape[1]} x {images.shape[2]}")
+    return images.astype(np.float32, copy=False)
+
+
+@contextmanager
+def _evaluating(network: nn.Module) -> Iterator[None]:
+    """Eval mode (fixed batch-norm statistics, no dropout) and no autograd; training modes restored after."""
+    modes = [(m, m.training) for m in network.modules()]
+    network.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _network_device(network: nn.Module, device: str | torch.device | None) -> torch.device:
+    """Where to run ``network``: ``device`` (the network is moved there), else where its weights are."""
+    if device is not None:
+        device = torch.device(device)
+        network.to(device)
+        return device
+    parameter = next(network.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _apply(network: nn.Module, images: np.ndarray, batch_size: int, device: str | torch.device | None,
+           output: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """``output(network(batch))`` over ``images`` in batches, concatenated on the CPU."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    images = _check_images(images, network)
+    run_on = _network_device(network, device)
+    results = []
+    with _evaluating(network):
+        for start in range(0, images.shape[0], batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size, None])).to(run_on)
+            results.append(output(network(batch)).cpu().numpy())
+    return np.concatenate(results) if results else np.empty((0,) + images.shape[1:], dtype=np.float32)
+
+
+def segment_images(
+    segmenter: nn.Module,
+    images: np.ndarray,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """Label maps of g for a stack of images.
+
+    Args:
+        segmenter: the segmentation network g, ``(B, 1, H, W) -> (B, 3, H, W)`` logits (e.g.
+            :func:`training.checkpoints.load_segmenter`); run in eval mode, its mode restored.
+        images: ``(B, H, W)`` normalised attenuation (as :meth:`SimulatedDataset.slice`
+            returns, not clipped), floating point, finite; H and W multiples of the
+            network's down-sampling factor.
+        batch_size: slices per forward pass.
+        device: where to run g (it is moved there); by default where its weights are.
+
+    Returns:
+        ``(B, H, W)`` uint8 label maps: 0 background, 1 liver, 2 tumour.
+
+    Raises:
+        ValueError: for a wrong shape or dtype, NaN or infinite values, or a bad batch size.
+    """
+    labels = _apply(segmenter, images, batch_size, device, lambda logits: logits.argmax(1).to(torch.uint8))
+    return labels.astype(np.uint8, copy=False)
+
+
+def reconstruct_images(
+    reconstructor: nn.Module,
+    images: np.ndarray,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """Reconstructions of f for a stack of low-dose images.
+
+    Args:
+        reconstructor: the reconstruction network f, ``(B, 1, H, W) -> (B, 1, H, W)`` (e.g.
+            :func:`training.checkpoints.load_reconstructor`); run in eval mode.
+        images: ``(B, H, W)`` low-dose scans as normalised attenuation (not clipped),
+            floating point, finite.
+        batch_size: slices per forward pass.
+        device: where to run f (it is moved there); by default where its weights are.
+
+    Returns:
+        ``(B, H, W)`` float32 normalised attenuation (in (0, 1) for the project's f).
+
+    Raises:
+        ValueError: as :func:`segment_images`.
+    """
+    return _apply(reconstructor, images, batch_size, device, lambda out: out[:, 0].float()).astype(np.float32, copy=False)
+
+
+def check_trained_method_name(method: str) -> None:
+    """Refuse a name a trained reconstructor cannot be written and evaluated under.
+
+    Raises:
+        ValueError: a name of the data set's own volumes, or one :func:`method_label` does not know.
+    """
+    if method in RESERVED_METHODS:
+        raise ValueError(f"method name {method!r} is taken by the data set's own volumes {list(RESERVED_METHODS)}; "
+                         "choose another (by default the model's own: baseunet, ta<alpha>, joint<C>)")
+    if _trained_weight(method) is None:
+        raise ValueError(f"method name {method!r} is not one the evaluation can label; use {BASE_UNET}, "
+                         "ta<alpha> (e.g. ta0.5) or joint<C> (e.g. joint0.9)")
+
+
+def reconstruct_dataset(
+    dataset: SimulatedDataset,
+    checkpoint: str | Path,
+    method: str | None = None,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> str:
+    """Apply a trained f to every low-dose slice of the data set and store it as a method.
+
+    Writes ``lowdose/labels/<method>/<case>.nii`` for every case: HU float32 on the
+    low-dose volume's grid (same shape and affine), then records the model's provenance
+    (:func:`training.checkpoints.describe_model`) as ``dataset.methods[method]``. The record
+    is dropped before the first volume is written and rewritten after the last, so an
+    interrupted run is not taken for a finished one (:meth:`SimulatedDataset.has_method`).
+
+    Args:
+        dataset: the simulated data set (its manifest is updated and saved).
+        checkpoint: a ``reconstruction`` or ``joint`` model file (a run's ``best.pt``).
+        method: the name to store it under; by default the model's own
+            (:func:`training.checkpoints.method_name`: ``baseunet``, ``ta0.5``, ``joint0.9``).
+        batch_size: slices per forward pass.
+        device: ``cpu``, ``cuda``, ...; by default the first GPU where there is one.
+        progress: show a progress bar over slices.
+
+    Returns:
+        the method name written.
+
+    Raises:
+        DataError: an unusable model file, or one whose U-Net cannot take the data set's slices.
+        ValueError: a method name that collides with the data set's volumes or is unknown, or
+            a bad batch size.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    reconstructor, model = load_reconstructor(checkpoint)
+    natural = method_name(model.task, model.weight)
+    method = natural if method is None else method
+    check_trained_method_name(method)
+    if method != natural:
+        log.warning("writing the %s model %s (its own name: %s) as method %r", model.task, model.path, natural, method)
+    size = dataset.settings["size"]
+    factor = 2**model.network.depth
+    if size % factor:
+        raise DataError(model.path, f"its U-Net (depth {model.network.depth}) needs image sides that are multiples of "
+                                    f"{factor}, but the data set's slices are {size} x {size} px")
+    run_on = default_device(device)
+    reconstructor.to(run_on)
+
+    dataset.methods.pop(method, None)
+    dataset.save_manifest()
+    slices = dataset.slices("all")
+    with tqdm(total=len(slices), desc=method, unit="slice", disable=not progress) as bar:
+        for case in dataset.case_ids("all"):
+            refs = [ref for ref in slices if ref.case == case]
+            images = []
+            for start in range(0, len(refs), batch_size):
+                batch = np.stack([dataset.slice(LOWDOSE, ref) for ref in refs[start : start + batch_size]])
+                images.append(reconstruct_images(reconstructor, batch, batch_size, run_on))
+                bar.update(batch.shape[0])
+            volume = np.concatenate(images).transpose(1, 2, 0)  # (Z, N, N) -> (N, N, Z), slices on the last axis
+            affine = dataset.volume(LOWDOSE, case).affine
+            save_nifti(volume_path(dataset.root, method, case), normalized_to_hu(volume), affine, f"{method} HU")
+    dataset.methods[method] = describe_model(model)
+    dataset.save_manifest()
+    log.info("wrote %s for %d case(s) (%d slices) from %s", method, len(dataset.cases), len(slices), model.path)
+    return method
