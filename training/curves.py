@@ -33,10 +33,10 @@ def plot_training_curves(runs: Mapping[str, str | Path], path: str | Path) -> No
         raise ValueError("no run has a history.csv to plot")
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
     for ax, (key, title) in zip(axes, PANELS):
-        for label, history in histories.items():
+        for index, (label, history) in enumerate(histories.items()):
             points = [(row["epoch"], row[key]) for row in history if key in row]
-            if points:
-                ax.plot(*zip(*points), marker=".", label=label)
+            if points:  # one colour per run in every panel, whichever panels it appears in
+                ax.plot(*zip(*points), marker=".", color=f"C{index % 10}", label=label)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
