@@ -22,17 +22,12 @@ from matplotlib.image import imread
 from monai.losses import DiceCELoss
 
 from training import inference
-from training.checkpoints import load_segmenter, method_name, read_model, save_model
+from training.checkpoints import load_segmenter, read_model, save_model
 from training.dataset import SimulatedDataset, volume_path
 from training.errors import DataError
 from training.evaluate import evaluate_dataset, pick_figure_slices, read_metrics_csv
-from training.inference import (
-    is_known_method,
-    method_label,
-    reconstruct_dataset,
-    reconstruct_images,
-    segment_images,
-)
+from training.inference import reconstruct_dataset, reconstruct_images, segment_images
+from training.methods import is_known_method, method_label, method_name
 from training.metrics import dice_per_class
 from training.networks import UNetConfig, build_reconstruction_net, build_segmentation_net
 from training.phantom import write_phantom_dataset

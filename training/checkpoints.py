@@ -69,17 +69,12 @@ def save_model(
         "task": task,
         "weight": float(weight),
         "network": dataclasses.asdict(network),
-        "state": {name: {k: v.detach().cpu() for k, v in _unwrap(module).state_dict().items()} for name, module in networks.items()},
+        "state": {name: {k: v.detach().cpu() for k, v in module.state_dict().items()} for name, module in networks.items()},
         "epoch": int(epoch),
         "metrics": {k: float(v) for k, v in metrics.items()},
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (the weights are the same)."""
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
 def read_model(path: str | Path) -> ModelFile:
@@ -118,17 +113,29 @@ def _load(model: ModelFile, name: str, module: nn.Module) -> nn.Module:
     return module
 
 
-def load_segmenter(path: str | Path, expected: UNetConfig | None = None) -> nn.Module:
+def check_input_size(model: ModelFile, size: int) -> None:
+    """Refuse ``size`` x ``size`` slices that the model's U-Net cannot down-sample ``depth`` times.
+
+    Raises:
+        DataError: naming the model file.
+    """
+    factor = 2**model.network.depth
+    if size % factor:
+        raise DataError(model.path, f"its U-Net (depth {model.network.depth}) needs image sides that are multiples of "
+                                    f"{factor}, but the data set's slices are {size} x {size} px")
+
+
+def load_segmenter(path: str | Path | ModelFile, expected: UNetConfig | None = None) -> nn.Module:
     """The segmentation network g from a ``segmentation`` (or ``joint``) model file, in eval mode.
 
     Args:
-        path: the model file.
+        path: the model file, or the file already read with :func:`read_model`.
         expected: the architecture the caller will use g with; a different one is refused.
 
     Raises:
         DataError: the file holds no segmentation network, or not one of ``expected``'s shape.
     """
-    model = read_model(path)
+    model = path if isinstance(path, ModelFile) else read_model(path)
     if SEGMENTER not in model.state:
         raise DataError(model.path, f"holds a {model.task!r} model without a segmentation network; "
                                     "give the best.pt of `tact train segmentation`")
@@ -150,15 +157,6 @@ def load_reconstructor(path: str | Path) -> tuple[nn.Module, ModelFile]:
         raise DataError(model.path, f"holds a {model.task!r} model without a reconstruction network; "
                                     "give the best.pt of `tact train reconstruction` or `tact train joint`")
     return _load(model, RECONSTRUCTOR, build_reconstruction_net(model.network)).eval(), model
-
-
-def method_name(task: str, weight: float) -> str:
-    """The evaluation name of a trained reconstructor: ``baseunet``, ``ta0.5`` or ``joint0.9``."""
-    if task == "reconstruction":
-        return "baseunet" if weight == 0.0 else f"ta{weight:g}"
-    if task == "joint":
-        return f"joint{weight:g}"
-    raise ValueError(f"a {task!r} model does not reconstruct")
 
 
 def describe_model(model: ModelFile) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from training.dataset import FULLDOSE, LOWDOSE, SimulatedDataset, SliceRef, worker_dataset
 from training.errors import DataError
 from training.fileio import atomic_path
+from training.methods import BASELINES, is_known_method, method_label
 from training.metrics import DICE_LABELS, dice_per_class, roi_psnr_ssim
 from training.parallel import process_pool
 from training.physics import disc_mask, hu_per_normalized_unit
@@ -105,16 +106,7 @@ def _evaluate_slice(job: _Job) -> list[SliceMetrics]:
     return rows
 
 
-def _label(method: str) -> str:
-    """:func:`training.inference.method_label` (imported on first use, see above)."""
-    from training.inference import method_label
-
-    return method_label(method)
-
-
 def _missing_hint(method: str) -> str:
-    from training.inference import BASELINES
-
     if method in BASELINES:
         return f"run `tact baseline {method}` first"
     if method in (FULLDOSE, LOWDOSE):
@@ -157,7 +149,7 @@ def evaluate_dataset(
         DataError: a method not computed for the data set, an empty split, or a segmenter
             file that holds no segmentation network or cannot take the data set's slices.
     """
-    from training.inference import default_device, is_known_method
+    from training.inference import default_device
 
     methods = tuple(dict.fromkeys(methods))
     unknown = [m for m in methods if not is_known_method(m)]
@@ -215,15 +207,11 @@ def evaluate_dataset(
 
 def _load_evaluation_segmenter(path: str | Path, dataset: SimulatedDataset) -> tuple[nn.Module, ModelFile]:
     """g (eval mode) and its model file, checked against the data set's slice size before any work."""
-    from training.checkpoints import load_segmenter, read_model
+    from training.checkpoints import check_input_size, load_segmenter, read_model
 
-    g = load_segmenter(path)
     model = read_model(path)
-    size, factor = dataset.settings["size"], 2**model.network.depth
-    if size % factor:
-        raise DataError(model.path, f"its U-Net (depth {model.network.depth}) needs image sides that are multiples of "
-                                    f"{factor}, but the data set's slices are {size} x {size} px")
-    return g, model
+    check_input_size(model, dataset.settings["size"])
+    return load_segmenter(model), model
 
 
 def segment_and_score(
@@ -311,10 +299,10 @@ def reconstruction_table(rows: Sequence[SliceMetrics], methods: Sequence[str], p
     for method in methods:
         mine = [r for r in rows if r.method == method]
         if method == FULLDOSE:
-            lines.append(f"| {_label(method)} | reference | reference | 0 | {len(mine)} |")
+            lines.append(f"| {method_label(method)} | reference | reference | 0 | {len(mine)} |")
             continue
         lines.append(
-            f"| {_label(method)} | {_mean_std([r.psnr for r in mine], 2)} | {_mean_std([r.ssim for r in mine], 4)} "
+            f"| {method_label(method)} | {_mean_std([r.psnr for r in mine], 2)} | {_mean_std([r.ssim for r in mine], 4)} "
             f"| {_mean_std([r.rmse_hu for r in mine], 0)} | {len(mine)} |"
         )
     return "\n".join(lines) + "\n"
@@ -334,7 +322,7 @@ def dice_table(rows: Sequence[SliceMetrics], methods: Sequence[str], provenance:
     for method in methods:
         mine = [r for r in rows if r.method == method and r.has_dice]
         if mine:
-            lines.append(f"| {_label(method)} | {_mean_std([r.dice for r in mine], 4)} "
+            lines.append(f"| {method_label(method)} | {_mean_std([r.dice for r in mine], 4)} "
                          f"| {_mean_std([r.dice_liver for r in mine], 4)} | {_mean_std([r.dice_tumour for r in mine], 4)} "
                          f"| {len(mine)} |")
     return "\n".join(lines) + "\n"
@@ -410,7 +398,7 @@ def _panel_title(method: str, m: SliceMetrics | None) -> str:
     if method == FULLDOSE:
         title = "Full-dose (reference)"
     else:
-        title = f"{_label(method)}\nPSNR {m.psnr:.2f} dB, SSIM {m.ssim:.3f}"
+        title = f"{method_label(method)}\nPSNR {m.psnr:.2f} dB, SSIM {m.ssim:.3f}"
     if m is not None and m.has_dice:
         title += f"\nDice {m.dice:.3f}"
     return title
@@ -479,7 +467,7 @@ def plot_metric_distributions(rows: Sequence[SliceMetrics], methods: Sequence[st
     for ax, (metric, ylabel, names) in zip(axes[0], panels):
         data = [[getattr(r, metric) for r in rows if r.method == m and not math.isnan(getattr(r, metric))] for m in names]
         ax.boxplot(data)
-        ax.set_xticks(range(1, len(names) + 1), [_label(m) for m in names], rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(range(1, len(names) + 1), [method_label(m) for m in names], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
     slices = len({(r.case, r.slice) for r in rows})

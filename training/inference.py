@@ -7,92 +7,29 @@
   slice of a data set and writes its volumes beside the baselines'
   (``lowdose/labels/<method>/<case>.nii``, HU, float32), so that ``tact evaluate`` can
   compare it with them;
-* :func:`method_label` names methods in tables and figures the way the paper does.
-
-Method names: the fixed ``lowdose``, ``fbp``, ``bm3d`` and ``fulldose``, and the trained
-reconstructors ``baseunet`` (alpha = 0), ``ta<alpha>`` (task-adaptive) and ``joint<C>``
-(joint training), with the weight written as :func:`training.checkpoints.method_name`
-writes it (``ta0.5``, ``joint0.9``).
+  (method names: :mod:`training.methods`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.networks.nets import DynUNet
+from monai.networks.utils import eval_mode
 from torch import nn
 from tqdm.auto import tqdm
 
-from training.checkpoints import describe_model, load_reconstructor, method_name
-from training.dataset import FULLDOSE, LOWDOSE, SEGMENTATION, SimulatedDataset, volume_path
-from training.errors import DataError
+from training.checkpoints import check_input_size, describe_model, load_reconstructor
+from training.dataset import LOWDOSE, SimulatedDataset, volume_path
 from training.fileio import save_nifti
+from training.methods import check_trained_method_name, method_name
 from training.physics import normalized_to_hu
 
 log = logging.getLogger(__name__)
-
-BASELINES = ("fbp", "bm3d")
-RESERVED_METHODS = (LOWDOSE, FULLDOSE, SEGMENTATION, *BASELINES)
-"""Names a trained reconstructor may not be written under: the data set's own volumes."""
-_FIXED_LABELS = {LOWDOSE: "Low-dose", "fbp": "FBP", "bm3d": "BM3D", FULLDOSE: "Full-dose"}
-BASE_UNET = "baseunet"
-_WEIGHTED = re.compile(r"^(ta|joint)(.+)$")
-
-
-def _trained_weight(name: str) -> tuple[str, float] | None:
-    """``("reconstruction" | "joint", weight)`` of a trained method's name, or None if it is not one.
-
-    Only the canonical spelling (:func:`training.checkpoints.method_name`'s) is accepted, so
-    that one model has one name: ``ta0.5``, not ``ta0.50`` or ``ta5e-1``.
-    """
-    if name == BASE_UNET:
-        return "reconstruction", 0.0
-    match = _WEIGHTED.match(name)
-    if match is None:
-        return None
-    try:
-        weight = float(match.group(2))
-    except ValueError:
-        return None
-    task = "reconstruction" if match.group(1) == "ta" else "joint"
-    if not math.isfinite(weight) or not 0.0 <= weight <= 1.0 or (task == "reconstruction" and weight == 0.0):
-        return None  # alpha = 0 is spelled baseunet
-    return (task, weight) if method_name(task, weight) == name else None
-
-
-def is_known_method(name: str) -> bool:
-    """Whether ``name`` is a method the evaluation can label (see the module docstring)."""
-    return name in _FIXED_LABELS or _trained_weight(name) is not None
-
-
-def method_label(method: str) -> str:
-    """The name of a method in tables and figures, as in the paper's Tables I and II.
-
-    ``lowdose`` "Low-dose", ``fbp`` "FBP", ``bm3d`` "BM3D", ``fulldose`` "Full-dose",
-    ``baseunet`` "Base U-Net", ``ta0.5`` "Task-adaptive α=0.5", ``joint0.9``
-    "Joint training C=0.9".
-
-    Raises:
-        ValueError: for any other name.
-    """
-    if method in _FIXED_LABELS:
-        return _FIXED_LABELS[method]
-    parsed = _trained_weight(method)
-    if parsed is None:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(_FIXED_LABELS)}, "
-                         f"{BASE_UNET}, ta<alpha> (e.g. ta0.5) and joint<C> (e.g. joint0.9)")
-    task, weight = parsed
-    if method == BASE_UNET:
-        return "Base U-Net"
-    return f"Task-adaptive α={weight:g}" if task == "reconstruction" else f"Joint training C={weight:g}"
-
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
     """``device``, or the first GPU where there is one and the CPU otherwise."""
@@ -130,19 +67,6 @@ def _check_images(images: np.ndarray, network: nn.Module) -> np.ndarray:
     return images.astype(np.float32, copy=False)
 
 
-@contextmanager
-def _evaluating(network: nn.Module) -> Iterator[None]:
-    """Eval mode (fixed batch-norm statistics, no dropout) and no autograd; training modes restored after."""
-    modes = [(m, m.training) for m in network.modules()]
-    network.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-
-
 def _network_device(network: nn.Module, device: str | torch.device | None) -> torch.device:
     """Where to run ``network``: ``device`` (the network is moved there), else where its weights are."""
     if device is not None:
@@ -161,7 +85,7 @@ def _apply(network: nn.Module, images: np.ndarray, batch_size: int, device: str 
     images = _check_images(images, network)
     run_on = _network_device(network, device)
     results = []
-    with _evaluating(network):
+    with eval_mode(network):  # fixed batch-norm statistics, no dropout, no autograd; mode restored after
         for start in range(0, images.shape[0], batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size, None])).to(run_on)
             results.append(output(network(batch)).cpu().numpy())
@@ -220,20 +144,6 @@ def reconstruct_images(
     return _apply(reconstructor, images, batch_size, device, lambda out: out[:, 0].float()).astype(np.float32, copy=False)
 
 
-def check_trained_method_name(method: str) -> None:
-    """Refuse a name a trained reconstructor cannot be written and evaluated under.
-
-    Raises:
-        ValueError: a name of the data set's own volumes, or one :func:`method_label` does not know.
-    """
-    if method in RESERVED_METHODS:
-        raise ValueError(f"method name {method!r} is taken by the data set's own volumes {list(RESERVED_METHODS)}; "
-                         "choose another (by default the model's own: baseunet, ta<alpha>, joint<C>)")
-    if _trained_weight(method) is None:
-        raise ValueError(f"method name {method!r} is not one the evaluation can label; use {BASE_UNET}, "
-                         "ta<alpha> (e.g. ta0.5) or joint<C> (e.g. joint0.9)")
-
-
 def reconstruct_dataset(
     dataset: SimulatedDataset,
     checkpoint: str | Path,
@@ -254,7 +164,7 @@ def reconstruct_dataset(
         dataset: the simulated data set (its manifest is updated and saved).
         checkpoint: a ``reconstruction`` or ``joint`` model file (a run's ``best.pt``).
         method: the name to store it under; by default the model's own
-            (:func:`training.checkpoints.method_name`: ``baseunet``, ``ta0.5``, ``joint0.9``).
+            (:func:`training.methods.method_name`: ``baseunet``, ``ta0.5``, ``joint0.9``).
         batch_size: slices per forward pass.
         device: ``cpu``, ``cuda``, ...; by default the first GPU where there is one.
         progress: show a progress bar over slices.
@@ -275,11 +185,7 @@ def reconstruct_dataset(
     check_trained_method_name(method)
     if method != natural:
         log.warning("writing the %s model %s (its own name: %s) as method %r", model.task, model.path, natural, method)
-    size = dataset.settings["size"]
-    factor = 2**model.network.depth
-    if size % factor:
-        raise DataError(model.path, f"its U-Net (depth {model.network.depth}) needs image sides that are multiples of "
-                                    f"{factor}, but the data set's slices are {size} x {size} px")
+    check_input_size(model, dataset.settings["size"])
     run_on = default_device(device)
     reconstructor.to(run_on)
 

@@ -34,10 +34,11 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoints import method_name, read_model
+from training.checkpoints import read_model
 from training.dataset import SimulatedDataset
 from training.errors import DataError
 from training.fileio import atomic_path, save_json
+from training.methods import method_name
 from training.presets import PRESETS, Preset
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,7 @@ class Reproduction:
         self._stage("data", self.lits is not None or (self.out / "lits" / ".complete").is_file(), lambda: self._write_phantoms(sample_case))
         settings = SimulationSettings(photons=preset.photons, num_angles=preset.angles, size=preset.size,
                                       test_fraction=preset.test_fraction, test_cases=(sample_case,) if sample_case else ())
-        simulated = (self.dataset_dir / "dataset.json").is_file() and _complete(self.dataset_dir)
-        self._stage("simulate", simulated, lambda: simulate_dataset(self.lits_dir, self.dataset_dir, settings,
+        self._stage("simulate", _complete(self.dataset_dir), lambda: simulate_dataset(self.lits_dir, self.dataset_dir, settings,
                                                                       workers=self.workers, progress=self.progress))
         dataset = SimulatedDataset(self.dataset_dir)
         self._stage("fbp", bool(dataset.methods.get("fbp", {}).get("tuned_on")),
@@ -211,6 +211,7 @@ class Reproduction:
 
 
 def _complete(root: Path) -> bool:
+    """Whether ``root`` holds a finished simulated data set."""
     try:
         SimulatedDataset(root)
     except DataError:

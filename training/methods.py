@@ -1,0 +1,94 @@
+"""Method names: what each reconstruction is called in a data set, tables and figures.
+
+The fixed methods are ``lowdose``, ``fbp``, ``bm3d`` and ``fulldose``; trained
+reconstructors are ``baseunet`` (alpha = 0), ``ta<alpha>`` (task-adaptive) and ``joint<C>``
+(joint training), with the weight written as :func:`method_name` writes it (``ta0.5``,
+``joint0.9``). This module imports neither torch nor MONAI, so that evaluation workers
+can use it without paying for them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from training.dataset import FULLDOSE, LOWDOSE, SEGMENTATION
+
+
+def method_name(task: str, weight: float) -> str:
+    """The evaluation name of a trained reconstructor: ``baseunet``, ``ta0.5`` or ``joint0.9``."""
+    if task == "reconstruction":
+        return BASE_UNET if weight == 0.0 else f"ta{weight:g}"
+    if task == "joint":
+        return f"joint{weight:g}"
+    raise ValueError(f"a {task!r} model does not reconstruct")
+
+
+BASELINES = ("fbp", "bm3d")
+RESERVED_METHODS = (LOWDOSE, FULLDOSE, SEGMENTATION, *BASELINES)
+"""Names a trained reconstructor may not be written under: the data set's own volumes."""
+_FIXED_LABELS = {LOWDOSE: "Low-dose", "fbp": "FBP", "bm3d": "BM3D", FULLDOSE: "Full-dose"}
+BASE_UNET = "baseunet"
+_WEIGHTED = re.compile(r"^(ta|joint)(.+)$")
+
+
+def _trained_weight(name: str) -> tuple[str, float] | None:
+    """``("reconstruction" | "joint", weight)`` of a trained method's name, or None if it is not one.
+
+    Only the canonical spelling (:func:`method_name`'s) is accepted, so
+    that one model has one name: ``ta0.5``, not ``ta0.50`` or ``ta5e-1``.
+    """
+    if name == BASE_UNET:
+        return "reconstruction", 0.0
+    match = _WEIGHTED.match(name)
+    if match is None:
+        return None
+    try:
+        weight = float(match.group(2))
+    except ValueError:
+        return None
+    task = "reconstruction" if match.group(1) == "ta" else "joint"
+    if not math.isfinite(weight) or not 0.0 <= weight <= 1.0 or (task == "reconstruction" and weight == 0.0):
+        return None  # alpha = 0 is spelled baseunet
+    return (task, weight) if method_name(task, weight) == name else None
+
+
+def is_known_method(name: str) -> bool:
+    """Whether ``name`` is a method the evaluation can label (see the module docstring)."""
+    return name in _FIXED_LABELS or _trained_weight(name) is not None
+
+
+def method_label(method: str) -> str:
+    """The name of a method in tables and figures, as in the paper's Tables I and II.
+
+    ``lowdose`` "Low-dose", ``fbp`` "FBP", ``bm3d`` "BM3D", ``fulldose`` "Full-dose",
+    ``baseunet`` "Base U-Net", ``ta0.5`` "Task-adaptive α=0.5", ``joint0.9``
+    "Joint training C=0.9".
+
+    Raises:
+        ValueError: for any other name.
+    """
+    if method in _FIXED_LABELS:
+        return _FIXED_LABELS[method]
+    parsed = _trained_weight(method)
+    if parsed is None:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(_FIXED_LABELS)}, "
+                         f"{BASE_UNET}, ta<alpha> (e.g. ta0.5) and joint<C> (e.g. joint0.9)")
+    task, weight = parsed
+    if method == BASE_UNET:
+        return "Base U-Net"
+    return f"Task-adaptive α={weight:g}" if task == "reconstruction" else f"Joint training C={weight:g}"
+
+
+def check_trained_method_name(method: str) -> None:
+    """Refuse a name a trained reconstructor cannot be written and evaluated under.
+
+    Raises:
+        ValueError: a name of the data set's own volumes, or one :func:`method_label` does not know.
+    """
+    if method in RESERVED_METHODS:
+        raise ValueError(f"method name {method!r} is taken by the data set's own volumes {list(RESERVED_METHODS)}; "
+                         "choose another (by default the model's own: baseunet, ta<alpha>, joint<C>)")
+    if _trained_weight(method) is None:
+        raise ValueError(f"method name {method!r} is not one the evaluation can label; use {BASE_UNET}, "
+                         "ta<alpha> (e.g. ta0.5) or joint<C> (e.g. joint0.9)")
