@@ -38,12 +38,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,7 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
 from monai.metrics import compute_dice
-from monai.networks.utils import one_hot
+from monai.networks.utils import eval_mode, one_hot
 from monai.utils import set_determinism
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -186,9 +185,13 @@ class TrainingTask:
             self.objective.to(memory_format=torch.channels_last)
         self.train_objective: nn.Module = self.objective
 
-    @property
-    def monitor_dice(self) -> bool:
-        return self.objective.monitor_dice
+    def metric_keys(self, validation: bool) -> list[str]:
+        """The per-slice outputs averaged each epoch: of :class:`TrainingStep` or :class:`ValidationStep`."""
+        if self.config.task == "segmentation":
+            return ["loss", "dice_score"] if validation else ["loss"]
+        if validation:
+            return ["loss", "mse", "psnr"] + (["dice", "dice_score"] if self.objective.monitor_dice else [])
+        return ["loss", "mse"] + (["dice"] if self.config.weight > 0 else [])
 
     def trained_modules(self) -> dict[str, nn.Module]:
         """The modules whose weights the optimiser changes, by model-file name."""
@@ -264,7 +267,7 @@ class ValidationStep:
     def __call__(self, engine: Engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         task = self.task
         image, fulldose, label = task.batch(batch)
-        with _eval_mode(task.objective), torch.autocast(task.device.type, dtype=task.amp_dtype, enabled=task.amp):
+        with eval_mode(task.objective), torch.autocast(task.device.type, dtype=task.amp_dtype, enabled=task.amp):
             terms = task.objective(image, fulldose, label, monitoring=True)
         out = {k: v.float() for k, v in terms.items() if v.ndim == 1}
         if "logits" in terms:
@@ -280,25 +283,10 @@ class ValidationStep:
         return out
 
 
-@contextmanager
-def _eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Evaluation mode and no gradients for ``modules``; their training modes are restored after."""
-    modes = [(m, m.training) for module in modules for m in module.modules()]
-    for module in modules:
-        module.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 class SliceMean(Metric):
     """Mean over slices of one per-slice ``(B,)`` output, exact across batches and processes."""
 
     def __init__(self, key: str) -> None:
-        self.key = key
         super().__init__(output_transform=lambda output: output[key])
 
     @reinit__is_reduced
@@ -343,7 +331,8 @@ def _loaders(dataset: SimulatedDataset, task: TrainingTask, distributed: Distrib
         raise ConfigError(f"slices of {size} px cannot be down-sampled {config.network.depth} times; "
                           f"choose network.depth so that 2**depth divides {size}")
     held_out = validation_cases(train_cases, config.validation_fraction, config.seed)
-    fit = SliceDataset(dataset, "train", task.input_method, cases=[c for c in train_cases if c not in held_out])
+    fit_cases = [c for c in train_cases if c not in held_out]
+    fit = SliceDataset(dataset, "train", task.input_method, cases=fit_cases)
     # The sampler's order depends only on (seed, epoch): resumed runs see the same batches.
     sampler = DistributedSampler(fit, num_replicas=distributed.world_size, rank=distributed.rank, shuffle=True, seed=config.seed)
     pin = task.device.type == "cuda"
@@ -358,7 +347,7 @@ def _loaders(dataset: SimulatedDataset, task: TrainingTask, distributed: Distrib
                                   shuffle=False) if distributed.world_size > 1 else None
         val_loader = DataLoader(val, batch_size=config.batch_size, sampler=val_sampler, num_workers=config.num_workers,
                                 pin_memory=pin, persistent_workers=config.num_workers > 0)
-    split = {"fit": sorted(set(c for c in train_cases if c not in held_out)), "validation": held_out,
+    split = {"fit": fit_cases, "validation": held_out,
              "fit_slices": len(fit), "validation_slices": len(val_loader.dataset) if val_loader else 0}
     return train_loader, val_loader, split
 
@@ -445,7 +434,7 @@ class EpochPolicy:
             "config": asdict(self.task.config),
             "trainer": {"epoch": trainer.state.epoch, "epoch_length": trainer.state.epoch_length,
                         "max_epochs": trainer.state.max_epochs},
-            "modules": {name: _unwrap(m).state_dict() for name, m in self.task.trained_modules().items()},
+            "modules": {name: m.state_dict() for name, m in self.task.trained_modules().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.step.scaler.state_dict(),
@@ -454,10 +443,6 @@ class EpochPolicy:
         }
         with atomic_path(self.run / "last.pt") as tmp:
             torch.save(state, tmp)
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:
@@ -500,8 +485,6 @@ class TrainingSummary:
 
 def read_summary(run: str | Path) -> TrainingSummary | None:
     """The summary of a finished run, or ``None`` if it has not finished."""
-    import json
-
     path = Path(run) / "summary.json"
     if not path.is_file():
         return None
@@ -568,17 +551,12 @@ def train(
     if val_loader is not None:
         evaluator = SupervisedEvaluator(device=distributed.device, val_data_loader=val_loader, network=task.objective,
                                         iteration_update=ValidationStep(task), decollate=False)
-        keys = ["loss"] + (["mse"] if config.task != "segmentation" else [])
-        if config.task == "segmentation" or task.monitor_dice:
-            keys += ["dice", "dice_score"] if config.task != "segmentation" else ["dice_score"]
-        if config.task != "segmentation":
-            keys.append("psnr")
-        for key in keys:
+        for key in task.metric_keys(validation=True):
             SliceMean(key).attach(evaluator, key)
     trainer = SupervisedTrainer(device=distributed.device, max_epochs=config.epochs, train_data_loader=train_loader,
                                 network=task.train_objective, optimizer=optimizer, loss_function=task.objective.loss,
                                 iteration_update=step, decollate=False)
-    for key in ["loss"] + (["mse"] if config.task != "segmentation" else []) + (["dice"] if config.task != "segmentation" and config.weight > 0 else []):
+    for key in task.metric_keys(validation=False):
         SliceMean(key).attach(trainer, f"train_{key}")
     if evaluator is not None:
         ValidationHandler(validator=evaluator, interval=1, epoch_level=True).attach(trainer)

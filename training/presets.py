@@ -16,7 +16,7 @@ ours and are recorded in every run's ``config.yaml``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from training.config import TrainingConfig
 from training.networks import UNetConfig
