@@ -101,7 +101,7 @@ def test_run_folder_contents_and_model_files(data, segmenter, tmp_path):
     assert "3 epoch(s)" in again.stdout
 
 
-def test_frozen_segmenter_is_unchanged_and_joint_segmenter_is_trained(data, segmenter, tmp_path):
+def test_task_adaptive_model_holds_f_only_and_joint_training_changes_g(data, segmenter, tmp_path):
     tact("train", "reconstruction", "--alpha", "0.9", "--segmenter", str(segmenter), "--dataset", str(data),
          "--out", str(tmp_path / "ta"), "epochs=2", "batch_size=4", *TINY)
     assert set(read_model(tmp_path / "ta" / "best.pt").state) == {"reconstructor"}  # g is not part of the model
