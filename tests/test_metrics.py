@@ -12,8 +12,12 @@ from scipy.ndimage import gaussian_filter
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from training.metrics import (
+    DICE_CONVENTIONS,
     DICE_LABELS,
+    dice_counts,
+    dice_from_counts,
     dice_per_class,
+    dice_scores,
     mean_dice,
     psnr,
     roi_psnr_ssim,
@@ -321,3 +325,68 @@ def test_dice_rejects_bad_input(prediction, reference, message) -> None:
 def test_dice_rejects_bad_labels(labels) -> None:
     with pytest.raises(ValueError, match="labels"):
         dice_per_class(np.zeros((4, 4), int), np.zeros((4, 4), int), labels)
+
+
+def _three_slices() -> tuple[np.ndarray, np.ndarray]:
+    """Slice 0: liver half found, no tumour anywhere; slice 1: liver exact, tumour missed;
+    slice 2: nothing in either map."""
+    prediction = np.zeros((3, 8, 8), int)
+    reference = np.zeros((3, 8, 8), int)
+    reference[0, :4, :4] = LABEL_LIVER
+    prediction[0, :4, :2] = LABEL_LIVER
+    reference[1, :2, :2] = LABEL_TUMOR
+    reference[1, 4:, 4:] = LABEL_LIVER
+    prediction[1, 4:, 4:] = LABEL_LIVER
+    return prediction, reference
+
+
+def test_dice_conventions_on_known_slices() -> None:
+    prediction, reference = _three_slices()
+    counts = dice_counts(prediction, reference, batch=True)
+    assert counts.shape == (3, 2, 3)
+    assert counts[0].tolist() == [[8, 8, 16], [0, 0, 0]]
+    assert counts[1].tolist() == [[16, 16, 16], [0, 0, 4]]
+    # (a) eq. 7: absent from both scores 1, so the empty slice is perfect
+    per_class, mean = dice_scores(counts, "slice_eq7")
+    np.testing.assert_allclose(per_class, [[2 / 3, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    np.testing.assert_allclose(mean, [5 / 6, 0.5, 1.0])
+    # (b) absent from both is not counted: slice 0 is its liver alone, slice 2 is not scored
+    per_class, mean = dice_scores(counts, "slice_present")
+    np.testing.assert_allclose(per_class, [[2 / 3, np.nan], [1.0, 0.0], [np.nan, np.nan]])
+    np.testing.assert_allclose(mean, [2 / 3, 0.5, np.nan])
+    # (c) per volume: slices 0-1 are patient "a", slice 2 patient "b" (nothing to score)
+    per_class, mean = dice_scores(counts, "volume", cases=["a", "a", "b"])
+    np.testing.assert_allclose(per_class, [[2 * 24 / 56, 0.0], [np.nan, np.nan]])
+    np.testing.assert_allclose(mean, [24 / 56, np.nan])
+    assert DICE_CONVENTIONS == ("slice_eq7", "slice_present", "volume")
+
+
+def test_volume_dice_is_the_dice_of_the_stacked_volume_and_matches_monai() -> None:
+    rng = np.random.default_rng(3)
+    prediction = random_labels(rng, (5, 16, 12))
+    reference = np.where(rng.random(prediction.shape) < 0.6, prediction, random_labels(rng, prediction.shape))
+    counts = dice_counts(prediction, reference, batch=True)
+    np.testing.assert_array_equal(counts.sum(axis=0), dice_counts(prediction, reference))
+    per_class, mean = dice_scores(counts, "volume", cases=["p"] * 5)
+    whole = dice_per_class(prediction, reference)
+    np.testing.assert_allclose(per_class[0], [whole[LABEL_LIVER], whole[LABEL_TUMOR]])
+    monai = compute_dice(one_hot(prediction.transpose(1, 2, 0)[None]), one_hot(reference.transpose(1, 2, 0)[None]),
+                         include_background=False)[0]
+    np.testing.assert_allclose(per_class[0], monai.numpy(), atol=1e-6)
+    # per slice, (a) and (b) agree wherever every class is present
+    a = dice_scores(counts, "slice_eq7")[1]
+    b = dice_scores(counts, "slice_present")[1]
+    np.testing.assert_allclose(a, b)
+    np.testing.assert_allclose(a, [mean_dice(p, r) for p, r in zip(prediction, reference)])
+
+
+def test_dice_from_counts_and_conventions_reject_bad_input() -> None:
+    assert dice_from_counts(np.array([0, 0, 0]), absent=1.0) == 1.0
+    assert np.isnan(dice_from_counts(np.array([0, 0, 0]), absent=math.nan))
+    assert dice_from_counts(np.array([0, 5, 0]), absent=1.0) == 0.0  # a false positive only
+    with pytest.raises(ValueError, match="axis of 3"):
+        dice_from_counts(np.zeros((2, 2)), absent=1.0)
+    with pytest.raises(ValueError, match="unknown Dice convention 'lits'"):
+        dice_scores(np.zeros((1, 2, 3)), "lits")
+    with pytest.raises(ValueError, match="needs the case of every slice"):
+        dice_scores(np.zeros((2, 2, 3)), "volume", cases=["a"])

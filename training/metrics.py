@@ -10,15 +10,28 @@ Conventions (paper §3.2, DESIGN.md "Physics"):
 * SSIM is scikit-image's: 7 x 7 uniform window, sample covariance, ``K1 = 0.01``,
   ``K2 = 0.03``, i.e. the settings dival uses to evaluate LoDoPaB. A masked SSIM is the mean
   of the local SSIM map over the mask pixels whose window lies inside the image.
-* Dice is eq. 7 of the paper in the limit of a vanishing smoothing ``epsilon``, per class,
-  over liver (1) and tumour (2) only: the background is excluded because it dominates every
-  slice and would inflate the scores of poor models.
+* Dice is scored over liver (1) and tumour (2) only: the background is excluded because it
+  dominates every slice and would inflate the scores of poor models. Everything derives from
+  one count, :func:`dice_counts` (overlap, predicted and reference pixels per class), under
+  three named conventions (:data:`DICE_CONVENTIONS`) that differ only in what they average
+  over and in what a class absent from both maps counts for:
+
+  - ``slice_eq7`` (a): per slice, eq. 7 of the paper as epsilon -> 0, so a class absent from
+    both maps scores epsilon / epsilon = 1 (a segmenter that finds no tumour on a tumour-free
+    slice is right);
+  - ``slice_present`` (b): per slice, over the classes present in the reference or the
+    prediction only; a class absent from both is not counted (NaN), nor is a slice where both
+    classes are;
+  - ``volume`` (c): per patient, the counts of all its slices summed before the ratio (the
+    LiTS challenge's "Dice per case"); a class absent from the whole volume and its
+    prediction is not counted.
 
 All functions take numpy arrays and return Python floats (or a dict of floats).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,10 +45,17 @@ SSIM_WIN_SIZE = 7
 DICE_LABELS = (LABEL_LIVER, LABEL_TUMOR)
 """Classes the paper averages Dice over (background excluded)."""
 
+DICE_CONVENTIONS = ("slice_eq7", "slice_present", "volume")
+"""The named Dice conventions, (a), (b) and (c) of the module docstring."""
+
 __all__ = [
+    "DICE_CONVENTIONS",
     "DICE_LABELS",
     "SSIM_WIN_SIZE",
+    "dice_counts",
+    "dice_from_counts",
     "dice_per_class",
+    "dice_scores",
     "mean_dice",
     "psnr",
     "roi_psnr_ssim",
@@ -201,36 +221,7 @@ def _check_label_map(name: str, labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def dice_per_class(
-    prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int] = DICE_LABELS
-) -> dict[int, float]:
-    """Dice coefficient of each class in ``labels``: ``2 |P & G| / (|P| + |G|)``.
-
-    This is the per-class term of the paper's eq. 7 on hard (one-hot) label maps in the limit
-    ``epsilon -> 0``. When a class is absent from both maps the term is ``epsilon / epsilon =
-    1``: an empty prediction of an empty class is correct. A class present in only one of the
-    maps scores 0.
-
-    Args:
-        prediction: integer label map, e.g. ``(H, W)`` slice or ``(H, W, D)`` volume, with
-            0 background, 1 liver, 2 tumour. Float arrays are accepted when their values
-            are whole numbers.
-        reference: ground truth label map of the same shape.
-        labels: the classes to score; by default liver and tumour (background excluded).
-
-    Returns:
-        ``{label: dice}`` in the order of ``labels``, each in [0, 1].
-
-    Raises:
-        ValueError: for mismatched shapes, empty maps, non-integer dtypes, NaN or
-            non-integral values, or an empty or repeated ``labels``.
-    """
-    prediction = _check_label_map("prediction", prediction)
-    reference = _check_label_map("reference", reference)
-    if prediction.shape != reference.shape:
-        raise ValueError(
-            f"prediction and reference shapes differ: {prediction.shape} vs {reference.shape}"
-        )
+def _check_labels_argument(labels: Sequence[int]) -> tuple[int, ...]:
     labels = tuple(labels)
     if (
         not labels
@@ -242,14 +233,142 @@ def dice_per_class(
         raise ValueError(
             f"labels must be a non-empty sequence of distinct integer class labels, got {labels}"
         )
-    scores: dict[int, float] = {}
-    for label in map(int, labels):
+    return tuple(map(int, labels))
+
+
+def dice_counts(
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    labels: Sequence[int] = DICE_LABELS,
+    batch: bool = False,
+) -> np.ndarray:
+    """Pixel counts behind every Dice score: ``[|P & G|, |P|, |G|]`` of each class.
+
+    Args:
+        prediction: integer label map, e.g. ``(H, W)`` slice or ``(H, W, D)`` volume, with
+            0 background, 1 liver, 2 tumour; with ``batch=True`` a ``(B, ...)`` stack of maps.
+            Float arrays are accepted when their values are whole numbers.
+        reference: ground truth label map of the same shape.
+        labels: the classes to count; by default liver and tumour (background excluded).
+        batch: count each map of the leading axis separately.
+
+    Returns:
+        int64 counts ``(len(labels), 3)``, or ``(B, len(labels), 3)`` with ``batch=True``.
+        Counts add up: the counts of a volume are the sum of its slices' counts.
+
+    Raises:
+        ValueError: for mismatched shapes, empty maps, non-integer dtypes, NaN or
+            non-integral values, or an empty or repeated ``labels``.
+    """
+    prediction = _check_label_map("prediction", prediction)
+    reference = _check_label_map("reference", reference)
+    if prediction.shape != reference.shape:
+        raise ValueError(
+            f"prediction and reference shapes differ: {prediction.shape} vs {reference.shape}"
+        )
+    labels = _check_labels_argument(labels)
+    if batch and prediction.ndim < 2:
+        raise ValueError(f"a batch of label maps needs at least 2 dimensions, got shape {prediction.shape}")
+    axes = tuple(range(1 if batch else 0, prediction.ndim))
+    counts = []
+    for label in labels:
         predicted = prediction == label
         expected = reference == label
-        total = np.count_nonzero(predicted) + np.count_nonzero(expected)
-        overlap = np.count_nonzero(predicted & expected)
-        scores[label] = 1.0 if total == 0 else 2.0 * overlap / total
-    return scores
+        counts.append(
+            np.stack(
+                [
+                    np.count_nonzero(predicted & expected, axis=axes),
+                    np.count_nonzero(predicted, axis=axes),
+                    np.count_nonzero(expected, axis=axes),
+                ],
+                axis=-1,
+            )
+        )
+    return np.stack(counts, axis=-2).astype(np.int64)
+
+
+def dice_from_counts(counts: np.ndarray, absent: float) -> np.ndarray:
+    """Dice ``2 |P & G| / (|P| + |G|)`` of each class from :func:`dice_counts`'s counts.
+
+    Args:
+        counts: ``(..., 3)`` counts (overlap, predicted, reference); sum them over slices
+            first for a per-volume score.
+        absent: the value of a class absent from both maps: 1.0 for eq. 7 (``slice_eq7``),
+            NaN for "not counted" (``slice_present``, ``volume``).
+
+    Returns:
+        float64 ``counts.shape[:-1]`` scores in [0, 1] (or ``absent``).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.shape[-1:] != (3,):
+        raise ValueError(f"counts must end in an axis of 3 (overlap, predicted, reference), got shape {counts.shape}")
+    total = counts[..., 1] + counts[..., 2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, 2.0 * counts[..., 0] / total, absent)
+
+
+def dice_scores(counts: np.ndarray, convention: str, cases: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Dice of each scored item under one of :data:`DICE_CONVENTIONS`.
+
+    Args:
+        counts: ``(N, C, 3)`` per-slice counts from :func:`dice_counts` (``batch=True``).
+        convention: ``slice_eq7``, ``slice_present`` (items are the N slices) or ``volume``
+            (items are the patients: the slices' counts summed per case).
+        cases: the patient of each slice; needed for ``volume``.
+
+    Returns:
+        ``(per_class (M, C), mean (M,))``: the Dice of each class of each item (NaN: not
+        counted) and each item's mean over its counted classes (NaN when none is). Items are
+        slices, or the patients in order of first appearance.
+    """
+    counts = np.asarray(counts)
+    if counts.ndim != 3 or counts.shape[-1] != 3:
+        raise ValueError(f"counts must be (slices, classes, 3), got shape {counts.shape}")
+    if convention == "slice_eq7":
+        per_class = dice_from_counts(counts, absent=1.0)
+    elif convention == "slice_present":
+        per_class = dice_from_counts(counts, absent=math.nan)
+    elif convention == "volume":
+        if cases is None or len(cases) != counts.shape[0]:
+            raise ValueError("the volume convention needs the case of every slice")
+        order = list(dict.fromkeys(cases))
+        index = np.array([order.index(c) for c in cases])
+        summed = np.zeros((len(order),) + counts.shape[1:], dtype=np.int64)
+        np.add.at(summed, index, counts)
+        per_class = dice_from_counts(summed, absent=math.nan)
+    else:
+        raise ValueError(f"unknown Dice convention {convention!r}; choose from {DICE_CONVENTIONS}")
+    counted = ~np.isnan(per_class)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(counted.any(axis=1), np.nansum(per_class, axis=1) / np.maximum(counted.sum(axis=1), 1), math.nan)
+    return per_class, mean
+
+
+def dice_per_class(
+    prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int] = DICE_LABELS
+) -> dict[int, float]:
+    """Dice coefficient of each class in ``labels`` under eq. 7 (convention ``slice_eq7``).
+
+    ``2 |P & G| / (|P| + |G|)``, the per-class term of the paper's eq. 7 on hard (one-hot)
+    label maps in the limit ``epsilon -> 0``. When a class is absent from both maps the term
+    is ``epsilon / epsilon = 1``: an empty prediction of an empty class is correct. A class
+    present in only one of the maps scores 0.
+
+    Args:
+        prediction: integer label map, e.g. ``(H, W)`` slice or ``(H, W, D)`` volume (see
+            :func:`dice_counts`).
+        reference: ground truth label map of the same shape.
+        labels: the classes to score; by default liver and tumour (background excluded).
+
+    Returns:
+        ``{label: dice}`` in the order of ``labels``, each in [0, 1].
+
+    Raises:
+        ValueError: as :func:`dice_counts`.
+    """
+    labels = _check_labels_argument(labels)
+    scores = dice_from_counts(dice_counts(prediction, reference, labels), absent=1.0)
+    return {label: float(score) for label, score in zip(labels, scores)}
 
 
 def mean_dice(
