@@ -47,10 +47,50 @@ def test_non_square_slices_are_padded_with_air_and_resampled_in_place():
     ci, cj = (np.argwhere(np.ones_like(window, bool)) * window.reshape(-1, 1)).sum(axis=0) / window.sum()
     marker = _world(prepared.affine, (i - 3 + ci, j - 3 + cj, 0))
     np.testing.assert_allclose(marker, _world(volume.affine, (101.5, 21.5, 1)), atol=0.15)
-    # Labels are resampled with nearest neighbour: still labels, in the same place.
+    # Labels stay labels, in the same place.
     assert set(np.unique(prepared.labels)) == {0, 1}
     li, lj = np.argwhere(prepared.labels[:, :, 0]).mean(axis=0)
-    np.testing.assert_allclose(_world(prepared.affine, (li, lj, 0)), _world(volume.affine, (54.5, 44.5, 1)), atol=1.0)
+    np.testing.assert_allclose(_world(prepared.affine, (li, lj, 0)), _world(volume.affine, (54.5, 44.5, 1)), atol=0.4)
+
+
+def test_labels_stay_on_the_image_when_slices_are_reduced():
+    """An off-centre L-shaped object at 8 sub-pixel offsets, reduced 4x: the label centroid
+    sits on the image centroid on average. Floor-based nearest resizing put it (1.5, 1.5)
+    source pixels off, 0.53 output pixels; nearest-exact would leave 0.18."""
+    air = float(hu_to_normalized(np.array(-1000.0)))
+    offsets = []
+    for di, dj in [(0, 0), (1, 2), (2, 1), (3, 3), (1, 0), (0, 3), (2, 2), (3, 1)]:
+        hu = np.full((256, 256, 1), -1000.0, np.float32)
+        labels = np.zeros((256, 256, 1), np.uint8)
+        i0, j0 = 60 + di, 150 + dj
+        for rows, cols in ((slice(i0, i0 + 40), slice(j0, j0 + 12)), (slice(i0 + 28, i0 + 40), slice(j0 + 12, j0 + 30))):
+            hu[rows, cols] = 60.0
+            labels[rows, cols] = 1
+        prepared = prepare_case(CTVolume("1", hu, labels, np.eye(4), ["v"]), SimulationSettings(size=64))
+        # Away from the border, where the anti-aliasing filter darkens the air.
+        image = prepared.x_full[8:-8, 8:-8, 0] - air
+        mask = prepared.labels[8:-8, 8:-8, 0]
+        grid = np.indices(image.shape).reshape(2, -1)
+        image_centroid = grid @ image.ravel() / image.sum()
+        label_centroid = grid @ mask.ravel() / mask.sum()
+        offsets.append(label_centroid - image_centroid)
+    mean_offset = np.linalg.norm(np.mean(offsets, axis=0))
+    assert mean_offset < 0.1, f"labels sit {mean_offset:.2f} output pixels off the image"
+
+
+def test_kept_slices_are_one_contiguous_range_in_place():
+    """Labelled slices 1 and 3 with an empty slice 2 between them: slices 1-3 are kept, and
+    the output affine puts each at its source slice's position."""
+    volume = _volume(shape=(64, 64, 6))
+    volume.segmentation[:] = 0
+    volume.segmentation[20:30, 20:30, 1] = 1
+    volume.segmentation[20:30, 20:30, 3] = 2
+    prepared = prepare_case(volume, SimulationSettings(size=32))
+    assert prepared.source_slices == [1, 2, 3]
+    assert prepared.unlabelled_slices == 1
+    for z, k in enumerate(prepared.source_slices):
+        np.testing.assert_allclose(_world(prepared.affine, (15.5, 15.5, z)), _world(volume.affine, (31.5, 31.5, k)),
+                                   atol=1e-6)
 
 
 def test_lodopab_domain_fixes_26_cm():
@@ -68,7 +108,10 @@ def test_unusable_cases_are_refused():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("photons", 0, "photons must be positive"),
+    ("photons", 0, "photons must be a positive finite number"),
+    ("photons", float("inf"), "photons must be a positive finite number, got inf"),
+    ("seed", -1, "seed must not be negative"),
+    ("upsample", 0, "upsample must be at least 1"),
     ("size", 8, "size must be at least 16"),
     ("domain", "huge", "domain must be one of"),
     ("fbp_scaling", 0.0, r"fbp_scaling must be in \(0, 1\]"),

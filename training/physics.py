@@ -149,6 +149,8 @@ class CTSimulator:
     def __init__(self, geometry: ScanGeometry, upsample: int = 2) -> None:
         import odl
 
+        if upsample < 1:
+            raise ValueError(f"upsample must be at least 1, got {upsample}")
         self.scan = geometry
         self.upsample = upsample
         half = geometry.extent_m / 2.0
@@ -156,8 +158,10 @@ class CTSimulator:
         self.space = odl.uniform_discr([-half, -half], [half, half], (n, n), dtype="float32")
         self.geometry = odl.tomo.parallel_beam_geometry(self.space, num_angles=geometry.num_angles)
         self.ray_transform = odl.tomo.RayTransform(self.space, self.geometry, impl=geometry.impl)
-        fine = odl.uniform_discr([-half, -half], [half, half], (n * upsample, n * upsample), dtype="float32")
-        self.fine_ray_transform = odl.tomo.RayTransform(fine, self.geometry, impl=geometry.impl)
+        self.fine_ray_transform = self.ray_transform
+        if upsample > 1:
+            fine = odl.uniform_discr([-half, -half], [half, half], (n * upsample, n * upsample), dtype="float32")
+            self.fine_ray_transform = odl.tomo.RayTransform(fine, self.geometry, impl=geometry.impl)
         self._fbp_cache: dict[tuple[str, float], object] = {}
 
     @property
@@ -210,6 +214,6 @@ class CTSimulator:
 
 
 @functools.lru_cache(maxsize=8)
-def simulator_for(geometry: ScanGeometry) -> CTSimulator:
-    """A per-process cached :class:`CTSimulator` for ``geometry``."""
-    return CTSimulator(geometry)
+def simulator_for(geometry: ScanGeometry, upsample: int = 2) -> CTSimulator:
+    """A per-process cached :class:`CTSimulator` for ``geometry`` and ``upsample``."""
+    return CTSimulator(geometry, upsample)
