@@ -20,6 +20,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 from monai.losses import DiceCELoss
+from monai.metrics import compute_dice
 
 from training import inference
 from training.checkpoints import load_segmenter, read_model, save_model
@@ -286,42 +287,108 @@ def report(data, reconstructor, segmenter, tmp_path_factory) -> Path:
     return out
 
 
-def test_dice_columns_are_g_on_each_methods_image(data, segmenter, report):
+def _expected_dice(predicted: np.ndarray, reference: np.ndarray) -> dict[str, list[float]]:
+    """Liver and tumour Dice of one slice written out by hand: eq. 7 (absent from both = 1)
+    and present classes only (absent from both = NaN)."""
+    eq7, present = [], []
+    for label in (LABEL_LIVER, LABEL_TUMOR):
+        p, g = predicted == label, reference == label
+        total = p.sum() + g.sum()
+        eq7.append(1.0 if total == 0 else 2 * (p & g).sum() / total)
+        present.append(math.nan if total == 0 else 2 * (p & g).sum() / total)
+    return {"slice_eq7": eq7, "slice_present": present}
+
+
+@pytest.fixture(scope="module")
+def expected_dice(data, segmenter) -> dict[str, dict]:
+    """Per method: g's maps of every slice and the Dice values computed independently of training.metrics."""
     dataset = SimulatedDataset(data)
-    rows = read_metrics_csv(report / "metrics.csv")
     refs = dataset.slices("all")
-    assert len(rows) == 4 * len(refs)
     g = load_segmenter(segmenter)
+    expected = {}
     for method in ("lowdose", "fbp", METHOD, "fulldose"):
         maps = segment_images(g, np.stack([dataset.slice(method, r) for r in refs]))
-        mine = {(r.case, r.slice): r for r in rows if r.method == method}
-        for ref, predicted in zip(refs, maps):
-            expected = dice_per_class(predicted, dataset.segmentation(ref))
-            row = mine[ref.case, ref.index]
-            assert row.dice_liver == pytest.approx(expected[LABEL_LIVER], abs=1e-6)
-            assert row.dice_tumour == pytest.approx(expected[LABEL_TUMOR], abs=1e-6)
-            assert row.dice == pytest.approx((expected[LABEL_LIVER] + expected[LABEL_TUMOR]) / 2, abs=1e-6)
+        references = np.stack([dataset.segmentation(r) for r in refs])
+        per_slice = {(r.case, r.index): _expected_dice(m, ref) for r, m, ref in zip(refs, maps, references)}
+        volumes = {}
+        for case in dataset.case_ids("all"):
+            mine = [i for i, r in enumerate(refs) if r.case == case]
+            # MONAI on the stacked volume; a class absent from both is not counted
+            prediction = torch.from_numpy(maps[mine].astype(np.int64))[None]
+            reference = torch.from_numpy(references[mine].astype(np.int64))[None]
+            onehot = [torch.nn.functional.one_hot(t, 3).movedim(-1, 1).float() for t in (prediction, reference)]
+            scores = compute_dice(*onehot, include_background=False, ignore_empty=False)[0].tolist()
+            absent = [not (maps[mine] == c).any() and not (references[mine] == c).any() for c in (LABEL_LIVER, LABEL_TUMOR)]
+            volumes[case] = [math.nan if gone else score for score, gone in zip(scores, absent)]
+        expected[method] = {"slices": per_slice, "volumes": volumes}
+    return expected
+
+
+def test_dice_columns_are_g_on_each_methods_image(data, report, expected_dice):
+    rows = read_metrics_csv(report / "metrics.csv")
+    assert len(rows) == 4 * len(SimulatedDataset(data).slices("all"))
+    for method, expected in expected_dice.items():
+        for row in (r for r in rows if r.method == method):
+            for convention in ("slice_eq7", "slice_present"):
+                liver, tumour = expected["slices"][row.case, row.slice][convention]
+                values = [liver, tumour, np.nanmean([liver, tumour]) if not np.isnan([liver, tumour]).all() else math.nan]
+                np.testing.assert_allclose(row.dice(convention), values, atol=1e-6)
     with open(report / "metrics.csv", newline="") as handle:
         header = next(csv.reader(handle))
-    assert header == ["method", "case", "slice", "psnr", "ssim", "rmse_hu", "dice_liver", "dice_tumour", "dice"]
+    assert header[:6] == ["method", "case", "slice", "psnr", "ssim", "rmse_hu"]
+    assert header[6:] == ["dice_slice_eq7_liver", "dice_slice_eq7_tumour", "dice_slice_eq7",
+                          "dice_slice_present_liver", "dice_slice_present_tumour", "dice_slice_present",
+                          "liver_overlap", "liver_predicted", "liver_reference",
+                          "tumour_overlap", "tumour_predicted", "tumour_reference"]
+    with open(report / "dice_volume.csv", newline="") as handle:
+        volumes = list(csv.DictReader(handle))
+    assert len(volumes) == 4 * len(SimulatedDataset(data).case_ids("all"))
+    for record in volumes:
+        liver, tumour = expected_dice[record["method"]]["volumes"][record["case"]]
+        for column, value in (("dice_volume_liver", liver), ("dice_volume_tumour", tumour)):
+            assert record[column] == "" if math.isnan(value) else float(record[column]) == pytest.approx(value, abs=1e-5)
     # A segmenter trained on full-dose scans segments them better than the noisy low dose.
-    mean = {m: np.mean([r.dice for r in rows if r.method == m]) for m in ("lowdose", "fulldose")}
+    mean = {m: np.mean([r.dice("slice_present")[2] for r in rows if r.method == m]) for m in ("lowdose", "fulldose")}
     assert mean["fulldose"] > mean["lowdose"] + 0.1, mean
-    liver = {m: np.mean([r.dice_liver for r in rows if r.method == m]) for m in ("lowdose", "fulldose")}
+    liver = {m: np.mean([r.dice("slice_eq7")[0] for r in rows if r.method == m]) for m in ("lowdose", "fulldose")}
     assert liver["fulldose"] > liver["lowdose"], liver
 
 
-def test_dice_table_in_the_form_of_table_ii(segmenter, report):
-    rows = read_metrics_csv(report / "metrics.csv")
+def _mean_std(values, total: int) -> str:
+    values = np.asarray(values, dtype=float)
+    counted = values[~np.isnan(values)]
+    text = f"{counted.mean():.4f} ± {counted.std():.4f}"
+    return text + (f" (n = {counted.size})" if counted.size < total else "")
+
+
+def test_dice_table_in_the_form_of_table_ii(data, segmenter, report, expected_dice):
     table = (report / "table_dice.md").read_text()
     assert table.startswith("Table II")
-    for method, label in (("lowdose", "Low-dose"), ("fbp", "FBP"), (METHOD, "Task-adaptive α=0.5"), ("fulldose", "Full-dose")):
-        dice = np.array([r.dice for r in rows if r.method == method])
-        liver = np.array([r.dice_liver for r in rows if r.method == method])
-        tumour = np.array([r.dice_tumour for r in rows if r.method == method])
-        line = (f"| {label} | {dice.mean():.4f} ± {dice.std():.4f} | {liver.mean():.4f} ± {liver.std():.4f} "
-                f"| {tumour.mean():.4f} ± {tumour.std():.4f} | {dice.size} |")
+    labels = {"lowdose": "Low-dose", "fbp": "FBP", METHOD: "Task-adaptive α=0.5", "fulldose": "Full-dose"}
+    for method, expected in expected_dice.items():
+        slices = list(expected["slices"].values())
+        a = np.array([s["slice_eq7"] for s in slices])
+        b = np.array([s["slice_present"] for s in slices])
+        c = np.array(list(expected["volumes"].values()))
+        with np.errstate(invalid="ignore"):
+            b_mean = np.where(np.isnan(b).all(1), np.nan, np.nanmean(np.where(np.isnan(b), np.nan, b), axis=1))
+        c_mean = np.nanmean(c, axis=1)
+        n, patients = len(slices), len(c)
+        line = (f"| {labels[method]} | {_mean_std(a.mean(1), n)} | {_mean_std(b_mean, n)} | {_mean_std(c_mean, patients)} "
+                f"| {n} | {patients} |")
         assert line in table, (line, table)
+        per_class = (f"| {labels[method]} | {_mean_std(a[:, 0], n)} | {_mean_std(a[:, 1], n)} | {_mean_std(b[:, 0], n)} "
+                     f"| {_mean_std(b[:, 1], n)} | {_mean_std(c[:, 0], patients)} | {_mean_std(c[:, 1], patients)} |")
+        assert per_class in table, (per_class, table)
+    # An empty map scores 0 where only present classes count, but eq. 7 gives it 1 on every
+    # class absent from the reference.
+    dataset = SimulatedDataset(data)
+    references = [dataset.segmentation(r) for r in dataset.slices("all")]
+    empty_eq7 = [((0.0 if (ref == LABEL_LIVER).any() else 1.0) + (0.0 if (ref == LABEL_TUMOR).any() else 1.0)) / 2
+                 for ref in references]
+    assert np.mean(empty_eq7) > 0.2, "the test needs slices without tumour"
+    zero = "0.0000 ± 0.0000"
+    assert f"| Empty map (nothing found) | {_mean_std(empty_eq7, len(references))} | {zero} | {zero} |" in table
     model = read_model(segmenter)
     assert str(segmenter.resolve()) in table and f"epoch {model.epoch}" in table
     assert f"dice_score {model.metrics['dice_score']:.4g}" in table
@@ -345,20 +412,20 @@ def test_segmentation_figures_for_the_example_slices(data, report):
 def test_without_a_segmenter_the_report_is_unchanged(data, tmp_path):
     out = tmp_path / "report"
     rows = evaluate_dataset(SimulatedDataset(data), ["lowdose", "fbp", "fulldose"], out, figures=1, workers=1, progress=False)
-    assert all(math.isnan(r.dice) and math.isnan(r.dice_liver) for r in rows)
+    assert all(not r.has_dice and np.isnan(r.dice("slice_eq7")).all() for r in rows)
     with open(out / "metrics.csv", newline="") as handle:
         records = list(csv.DictReader(handle))
-    assert records and all(r["dice"] == r["dice_liver"] == r["dice_tumour"] == "" for r in records)
+    assert records and all(r["dice_slice_eq7"] == r["dice_slice_present_liver"] == r["liver_overlap"] == "" for r in records)
     again = read_metrics_csv(out / "metrics.csv")
     assert [(r.method, r.case, r.slice) for r in again] == [(r.method, r.case, r.slice) for r in rows]
-    assert all(math.isnan(r.dice) for r in again)
-    assert not (out / "table_dice.md").exists()
+    assert all(not r.has_dice for r in again)
+    assert not (out / "table_dice.md").exists() and not (out / "dice_volume.csv").exists()
     assert not list((out / "figures").glob("segmentations_*"))
     # a metrics.csv from before the Dice columns still reads
     legacy = tmp_path / "legacy.csv"
     legacy.write_text("method,case,slice,psnr,ssim,rmse_hu\nfbp,2,0,25.5,0.61,120\n")
     [row] = read_metrics_csv(legacy)
-    assert row.psnr == 25.5 and math.isnan(row.dice)
+    assert row.psnr == 25.5 and not row.has_dice
 
 
 def test_evaluate_refuses_a_reconstructor_as_segmenter_and_unknown_methods(data, reconstructor, tmp_path):

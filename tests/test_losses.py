@@ -62,16 +62,23 @@ def test_task_adaptive_step_leaves_the_segmenter_bit_identical_and_trains_f_thro
     assert any(not torch.equal(f_before[k], v) for k, v in _state(f).items() if "weight" in k)
 
 
-def test_task_term_changes_the_gradient_of_f():
-    grads = {}
-    for alpha in (0.0, 0.5):
-        torch.manual_seed(0)
-        f, g = build_reconstruction_net(TINY), build_segmentation_net(TINY)
-        loss = task_adaptive_loss(g, alpha)
-        low_dose, full_dose, labels = _batch()
-        loss(f(low_dose), full_dose, labels).backward()
-        grads[alpha] = torch.cat([p.grad.flatten() for p in f.parameters()])
-    assert not torch.allclose(grads[0.0], grads[0.5])
+def _gradient_of_f(alpha: float) -> torch.Tensor:
+    """f's gradient of the task-adaptive loss with weight alpha, from the same seeded f, g and batch."""
+    torch.manual_seed(0)
+    f, g = build_reconstruction_net(TINY), build_segmentation_net(TINY)
+    low_dose, full_dose, labels = _batch()
+    task_adaptive_loss(g, alpha)(f(low_dose), full_dose, labels).backward()
+    return torch.cat([p.grad.flatten() for p in f.parameters()])
+
+
+def test_the_task_term_adds_its_share_of_the_dice_gradient_to_f():
+    """The gradient at alpha is (1 - alpha) times the MSE's plus alpha times the Dice term's,
+    which reaches f through g: a detached Dice term would leave (1 - alpha) grad MSE."""
+    alpha = 0.5
+    mse_only, dice_only, mixed = _gradient_of_f(0.0), _gradient_of_f(1.0), _gradient_of_f(alpha)
+    assert dice_only.abs().max() > 1e-6, "the Dice term alone must move f"
+    assert not torch.allclose(mixed, (1 - alpha) * mse_only, atol=1e-7)
+    torch.testing.assert_close(mixed, (1 - alpha) * mse_only + alpha * dice_only, rtol=1e-4, atol=1e-8)
 
 
 def test_joint_training_updates_the_segmenter():
@@ -110,12 +117,12 @@ def test_per_slice_terms_average_to_the_batch_loss():
     with torch.no_grad():
         reconstruction = f(low_dose)
         terms = task_adaptive_loss(g, 0.3).terms(reconstruction, full_dose, labels)
-        assert terms["loss"].shape == terms["mse"].shape == terms["dice"].shape == (2,)
+        assert terms["loss"].shape == terms["mse"].shape == terms["dice_loss"].shape == (2,)
         mse = torch.nn.functional.mse_loss(reconstruction, full_dose)
         dice = DiceLoss(to_onehot_y=True, softmax=True)(g(reconstruction), labels)
         torch.testing.assert_close(terms["mse"].mean(), mse)
-        torch.testing.assert_close(terms["dice"].mean(), dice)
+        torch.testing.assert_close(terms["dice_loss"].mean(), dice)
         torch.testing.assert_close(task_adaptive_loss(g, 0.3)(reconstruction, full_dose, labels), 0.7 * mse + 0.3 * dice)
         base = task_adaptive_loss(g, 0.0)
-        assert "dice" not in base.terms(reconstruction, full_dose, labels)  # no segmentation pass
-        torch.testing.assert_close(base.terms(reconstruction, full_dose, labels, with_dice=True)["dice"].mean(), dice)
+        assert "dice_loss" not in base.terms(reconstruction, full_dose, labels)  # no segmentation pass
+        torch.testing.assert_close(base.terms(reconstruction, full_dose, labels, with_dice=True)["dice_loss"].mean(), dice)

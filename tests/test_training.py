@@ -7,13 +7,17 @@ subprocesses killed with SIGKILL, and torchrun with the gloo backend.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.utils import set_determinism
@@ -22,6 +26,7 @@ from training.checkpoints import load_reconstructor, load_segmenter, read_model
 from training.config import load_config
 from training.dataset import SimulatedDataset
 from training.engine import read_history, read_summary, train, validation_cases
+from training.losses import TaskWeightedLoss
 from training.networks import UNetConfig, build_reconstruction_net, build_segmentation_net
 from training.phantom import write_phantom_dataset
 from training.simulate import SimulationSettings, simulate_dataset
@@ -79,21 +84,35 @@ def test_run_folder_contents_and_model_files(data, segmenter, tmp_path):
     assert [row["epoch"] for row in history] == [1, 2, 3]
     # The objective is the weighted sum of its parts, and the validation score is its negative.
     for row in history:
-        assert row["val_loss"] == pytest.approx(0.5 * row["val_mse"] + 0.5 * row["val_dice"], rel=1e-4)
+        assert row["val_loss"] == pytest.approx(0.5 * row["val_mse"] + 0.5 * row["val_dice_loss"], rel=1e-4)
         assert row["score"] == pytest.approx(-row["val_loss"])
-        assert 0.0 <= row["val_dice_score"] <= 1.0 and row["val_psnr"] > 0
+        assert row["val_psnr"] > 0
+        for convention in ("volume", "slice_eq7", "slice_present"):
+            assert 0.0 <= row[f"val_dice_{convention}"] <= 1.0
+            assert 0.0 <= row[f"val_dice_{convention}_liver"] <= 1.0
+        # eq. 7 counts a class absent from both maps as 1: never below the present-classes mean
+        assert row["val_dice_slice_eq7"] >= row["val_dice_slice_present"] - 1e-9
     summary = read_summary(run)
     best = max(history, key=lambda row: row["score"])
     assert summary.best_epoch == best["epoch"] and summary.epochs == 3 and summary.fit_slices > 0
+    assert summary.selection == {"metric": "val_loss", "mode": "min", "threshold": 1e-3,
+                                 "best_value": pytest.approx(best["val_loss"], rel=1e-5)}
     model = read_model(run / "best.pt")
     assert model.task == "reconstruction" and model.weight == 0.5 and model.epoch == best["epoch"]
     assert model.metrics["val_loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     f, _ = load_reconstructor(run / "best.pt")
     assert not f.training
-    # The validation patients are training-split patients, never test ones.
+    # The validation patients the engine recorded are training-split patients, never test ones.
     dataset = SimulatedDataset(data)
-    held_out = validation_cases(dataset.case_ids("train"), 0.34, 0)
-    assert held_out and set(held_out) < set(dataset.case_ids("train"))
+    split = json.loads((run / "summary.json").read_text())["split"]
+    assert split["validation"] and split["fit"]
+    assert sorted(split["fit"] + split["validation"]) == sorted(dataset.case_ids("train"))
+    assert not set(split["validation"]) & set(dataset.case_ids("test"))
+    assert not set(split["fit"]) & set(split["validation"])
+    assert split["validation_slices"] == sum(dataset.cases[c]["num_slices"] for c in split["validation"])
+    inputs = json.loads((run / "inputs.json").read_text())
+    assert inputs["dataset"]["path"] == str(data.resolve())
+    assert inputs["segmenter"] == {"path": str(segmenter.resolve()), "sha256": hashlib.sha256(segmenter.read_bytes()).hexdigest()}
     # A finished run is not trained again.
     again = tact("train", "reconstruction", "--alpha", "0.5", "--segmenter", str(segmenter), "--dataset", str(data),
                  "--out", str(run), "epochs=3", "batch_size=4", *TINY)
@@ -115,8 +134,15 @@ def test_task_adaptive_model_holds_f_only_and_joint_training_changes_g(data, seg
     assert load_segmenter(tmp_path / "joint" / "best.pt") is not None
 
 
-def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
-    args = ["train", "segmentation", "--dataset", str(data), "epochs=25", "batch_size=2", "early_stopping_patience=100", *TINY]
+@pytest.mark.parametrize("task, flags, epochs", [
+    ("segmentation", [], 25),
+    ("reconstruction", ["--alpha", "0.5", "--segmenter", "SEGMENTER"], 12),
+    ("joint", ["--c", "0.5", "--segmenter", "SEGMENTER"], 12),
+])
+def test_killed_run_resumes_to_the_same_weights(data, segmenter, tmp_path, task, flags, epochs):
+    flags = [str(segmenter) if flag == "SEGMENTER" else flag for flag in flags]
+    args = ["train", task, *flags, "--dataset", str(data), f"epochs={epochs}", "batch_size=2",
+            "early_stopping_patience=100", *TINY]
     reference = tmp_path / "reference"
     tact(*args, "--out", str(reference))
 
@@ -131,15 +157,19 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     done = torch.load(killed / "last.pt", weights_only=True)["trainer"]["epoch"]
-    assert 3 <= done < 25 and read_summary(killed) is None
+    assert 3 <= done < epochs and read_summary(killed) is None
 
     resumed = tact(*args, "--out", str(killed))
-    assert "25 epoch(s)" in resumed.stdout
-    assert [row["epoch"] for row in read_history(killed)] == list(range(1, 26))
-    _assert_same_weights(_weights(killed / "best.pt", "segmenter"), _weights(reference / "best.pt", "segmenter"))
+    assert f"{epochs} epoch(s)" in resumed.stdout
+    assert [row["epoch"] for row in read_history(killed)] == list(range(1, epochs + 1))
+    best_reference, best_resumed = read_model(reference / "best.pt"), read_model(killed / "best.pt")
+    assert best_reference.state.keys() == best_resumed.state.keys()
+    for name in best_reference.state:  # the reconstructor, the segmenter, or both (joint)
+        _assert_same_weights(best_resumed.state[name], best_reference.state[name])
     last_reference = torch.load(reference / "last.pt", weights_only=True)
     last_resumed = torch.load(killed / "last.pt", weights_only=True)
-    _assert_same_weights(last_resumed["modules"]["segmenter"], last_reference["modules"]["segmenter"])
+    for name in last_reference["modules"]:
+        _assert_same_weights(last_resumed["modules"][name], last_reference["modules"][name])
     assert read_summary(killed).best_epoch == read_summary(reference).best_epoch
 
 
@@ -225,3 +255,125 @@ def test_data_set_without_training_slices_is_refused(tmp_path):
                   "validation_fraction=0", check=False)
     assert result.returncode == 2 and "the training split holds no slices" in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _scaled_loss(monkeypatch: pytest.MonkeyPatch, factor: float) -> None:
+    """Multiply the reconstruction objective by ``factor`` (training and validation alike).
+
+    A power of two scales every gradient exactly, and Adam's update is invariant to the
+    scale (up to its epsilon), so the runs take the same steps and only the loss values
+    differ by the factor.
+    """
+    original = TaskWeightedLoss.terms
+
+    def terms(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out["loss"] = out["loss"] * factor
+        return out
+
+    monkeypatch.setattr(TaskWeightedLoss, "terms", terms)
+
+
+def test_model_selection_does_not_depend_on_the_loss_scale(data, tmp_path, monkeypatch):
+    """Two Base U-Net runs whose losses differ only by a factor of 1024 take the same
+    decisions: the same improving epochs, learning-rate cuts and early stop."""
+    # A 2% threshold makes this small run plateau within 60 epochs (0.1 s each).
+    config = load_config(overrides=["task=reconstruction", "epochs=60", "batch_size=4", "learning_rate=3e-3",
+                                    "lr_patience=0", "early_stopping_patience=3", "improvement_threshold=0.02", *TINY])
+    runs = {}
+    for factor in (1.0, 1024.0):
+        with monkeypatch.context() as patch:
+            _scaled_loss(patch, factor)
+            summary = train(config, data, tmp_path / f"x{factor:g}", device="cpu", progress=False)
+        runs[factor] = (summary, read_history(tmp_path / f"x{factor:g}"))
+    (small, small_history), (large, large_history) = runs[1.0], runs[1024.0]
+    # the scaling took effect: the monitored losses differ by the factor
+    assert large_history[0]["val_loss"] == pytest.approx(1024 * small_history[0]["val_loss"], rel=1e-3)
+    assert small_history[-1]["val_loss"] < 0.01  # an MSE, the scale at which an absolute threshold misjudges
+    assert small.stopped_early and large.stopped_early, "the test needs a run that stops before its last epoch"
+    assert small.epochs == large.epochs < 60
+    assert small.best_epoch == large.best_epoch
+    assert [row["lr"] for row in small_history] == [row["lr"] for row in large_history]
+    assert small.selection["metric"] == "val_loss" and small.selection["threshold"] == 0.02
+
+
+def _one_training_step(config, data) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """g's state before and after one real step of the engine (TrainingTask + TrainingStep in MONAI's trainer)."""
+    from monai.engines import SupervisedTrainer
+    from torch.utils.data import DataLoader
+
+    from training.engine import TrainingStep, TrainingTask
+    from training.slices import SliceDataset
+
+    task = TrainingTask(config, torch.device("cpu"))
+    g = task.objective.loss.segmenter
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    loader = DataLoader(SliceDataset(data, "train", task.input_method), batch_size=4, shuffle=False)
+    optimizer = torch.optim.Adam(task.parameters(), lr=1e-3)
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, epoch_length=1, train_data_loader=loader,
+                                network=task.train_objective, optimizer=optimizer, loss_function=task.objective.loss,
+                                iteration_update=TrainingStep(task), decollate=False)
+    trainer.run()
+    return before, {k: v.clone() for k, v in g.state_dict().items()}
+
+
+def test_joint_training_updates_the_batch_norm_of_a_pretrained_g_and_task_adaptive_does_not(data, segmenter):
+    """g loaded from --segmenter is in eval mode; a joint step must train it (batch-norm
+    statistics included), a task-adaptive step must leave it bit-identical."""
+    common = ["network.features=4", "network.depth=2", f"segmenter_checkpoint={str(segmenter)!r}"]
+    before, after = _one_training_step(load_config(overrides=["task=joint", "weight=0.5", *common]), data)
+    statistics = [k for k in before if k.endswith("running_mean") or k.endswith("running_var")]
+    assert statistics, "the test needs batch-norm layers in g"
+    assert all(not torch.equal(before[k], after[k]) for k in statistics), "joint training must update g's statistics"
+    before, after = _one_training_step(load_config(overrides=["task=reconstruction", "weight=0.5", *common]), data)
+    assert all(torch.equal(before[k], after[k]) for k in before), "the frozen g must not change at all"
+
+
+def test_a_changed_segmenter_file_or_another_data_set_is_refused(data, segmenter, tmp_path):
+    """A run records what it trains on; resuming or re-running it with a changed segmenter
+    file or another data set is refused (exit 2, naming the file) and changes nothing."""
+    g = tmp_path / "g.pt"
+    g.write_bytes(segmenter.read_bytes())
+    run = tmp_path / "run"
+    args = ["train", "reconstruction", "--alpha", "0.5", "--segmenter", str(g), "--out", str(run), "epochs=1",
+            "batch_size=4", *TINY]
+    tact(*args, "--dataset", str(data))
+    snapshot = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+
+    other = tmp_path / "other"  # the same data with another split: another fingerprint
+    shutil.copytree(data, other)
+    manifest = json.loads((other / "dataset.json").read_text())
+    manifest["split"]["train"], manifest["split"]["test"] = manifest["split"]["test"] + manifest["split"]["train"][:1], \
+        manifest["split"]["train"][1:]
+    (other / "dataset.json").write_text(json.dumps(manifest))
+    result = tact(*args, "--dataset", str(other), check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"tact: error: {other.resolve()}: is not the data set the run in {run} was trained on")
+    assert "Traceback" not in result.stderr
+
+    model = torch.load(g, weights_only=True)
+    model["epoch"] += 1  # any change to the file
+    torch.save(model, g)
+    result = tact(*args, "--dataset", str(data), check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"tact: error: {g.resolve()}: has changed since the run in {run} started")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == snapshot
+
+
+def test_validation_dice_of_g_equals_the_evaluation_of_its_model_file(data, segmenter):
+    """The Dice recorded at the best epoch (per volume and both per-slice conventions)
+    is what the evaluation's path gives for the saved g on the recorded validation patients."""
+    from training.inference import segment_images
+    from training.metrics import dice_counts, dice_scores
+
+    model = read_model(segmenter)
+    split = json.loads((segmenter.parent / "summary.json").read_text())["split"]
+    dataset = SimulatedDataset(data)
+    refs = [ref for ref in dataset.slices("train") if ref.case in split["validation"]]
+    maps = segment_images(load_segmenter(segmenter), np.stack([dataset.slice("fulldose", r) for r in refs]))
+    counts = dice_counts(maps, np.stack([dataset.segmentation(r) for r in refs]), batch=True)
+    for convention in ("volume", "slice_eq7", "slice_present"):
+        per_class, mean = dice_scores(counts, convention, cases=[r.case for r in refs])
+        assert model.metrics[f"val_dice_{convention}"] == pytest.approx(np.nanmean(mean), abs=1e-6), convention
+        assert model.metrics[f"val_dice_{convention}_liver"] == pytest.approx(np.nanmean(per_class[:, 0]), abs=1e-6)
+    assert read_summary(segmenter.parent).selection["metric"] == "val_dice_volume"

@@ -45,6 +45,10 @@ class TrainingConfig:
         lr_factor, lr_patience: reduce the learning rate by ``lr_factor`` after
             ``lr_patience`` epochs without validation improvement.
         early_stopping_patience: stop after this many epochs without improvement.
+        improvement_threshold: an epoch improves on the best one when its monitored metric
+            (validation loss of f, validation Dice of g) is better by more than this
+            *fraction* of the best value: relative, so that runs whose losses differ by a
+            constant factor (the Base U-Net's MSE, a large alpha's Dice term) are judged alike.
         validation_fraction: fraction of training *patients* held out for validation.
         seed: seeds weights, shuffling and the validation split.
         num_workers: data-loading processes.
@@ -63,6 +67,7 @@ class TrainingConfig:
     lr_factor: float = 0.5
     lr_patience: int = 5
     early_stopping_patience: int = 15
+    improvement_threshold: float = 1e-3
     validation_fraction: float = 0.1
     seed: int = 0
     num_workers: int = 2
@@ -81,6 +86,8 @@ class TrainingConfig:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.improvement_threshold < 1.0:
+            raise ConfigError(f"improvement_threshold must be in [0, 1) (a fraction of the best value), got {self.improvement_threshold}")
         if not 0.0 < self.lr_factor < 1.0:
             raise ConfigError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
         if not 0.0 <= self.validation_fraction < 1.0:

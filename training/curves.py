@@ -11,7 +11,7 @@ from training.fileio import atomic_path
 PANELS = (
     ("train_loss", "training loss"),
     ("val_loss", "validation loss (the objective)"),
-    ("val_dice_score", "validation Dice of g (liver, tumour)"),
+    ("val_dice_volume", "validation Dice of g, per volume (liver, tumour)"),
     ("val_psnr", "validation PSNR in the disc (dB)"),
 )
 

@@ -10,19 +10,22 @@ two steps, so the CLI and the server train the same way.
 A run folder holds::
 
     config.yaml       the configuration the run was started with
+    inputs.json       the data set (path, fingerprint) and segmenter file (sha256) it trains on
     best.pt           model file of the best validation epoch (see ``training.checkpoints``)
     last.pt           everything needed to resume: weights, optimiser, scheduler, counters, RNG
     history.csv       one row per epoch: training and validation metrics, learning rate, time
-    summary.json      written when the run has finished (epochs, best epoch, early stop, time)
+    summary.json      written when the run has finished (epochs, best epoch, early stop, time,
+                      how the best epoch was selected)
     tensorboard/      TensorBoard event files
 
-Policy, after every epoch: validation on held-out *patients* of the training split (the
-score is the mean Dice of liver and tumour for segmentation, minus the validation loss for
-reconstruction and joint training, higher is better); the learning rate is multiplied by
-``lr_factor`` after ``lr_patience`` epochs without improvement (a rise of more than
-``MIN_IMPROVEMENT``); training stops after
-``early_stopping_patience`` such epochs; ``best.pt`` and ``last.pt`` are replaced
-atomically. A killed run, started again with the same command, resumes after its last
+Policy, after every epoch: validation on held-out *patients* of the training split. The
+monitored metric (:class:`Selection`) is the per-volume validation Dice of g for
+segmentation and the validation loss (the objective) for reconstruction and joint
+training; an epoch improves on the best when the metric is better by more than
+``improvement_threshold`` (a fraction of the best value, so the decision does not depend on
+the loss's scale). The learning rate is multiplied by ``lr_factor`` after ``lr_patience``
+epochs without improvement; training stops after ``early_stopping_patience`` such epochs;
+``best.pt`` and ``last.pt`` are replaced atomically. A killed run, started again with the same command, resumes after its last
 finished epoch and ends bit-identical to an uninterrupted run on the same hardware
 (the data order depends only on the seed and the epoch).
 
@@ -37,13 +40,14 @@ processes match a single process exactly only with ``network.norm=instance``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +59,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
-from monai.metrics import compute_dice
-from monai.networks.utils import eval_mode, one_hot
+from monai.networks.utils import eval_mode
 from monai.utils import set_determinism
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -67,15 +70,15 @@ from training.dataset import FULLDOSE, LOWDOSE, SimulatedDataset
 from training.errors import DataError
 from training.fileio import atomic_path, save_json
 from training.losses import dice_loss, joint_loss, task_adaptive_loss
-from training.networks import NUM_CLASSES, build_reconstruction_net, build_segmentation_net
+from training.metrics import DICE_LABELS, dice_counts, dice_scores
+from training.networks import build_reconstruction_net, build_segmentation_net
 from training.physics import disc_mask
 from training.slices import SliceDataset
 
 log = logging.getLogger(__name__)
 
 RESUME_FORMAT = "taskadaptivect-resume"
-MIN_IMPROVEMENT = 1e-4
-"""A validation score must rise by more than this to count as an improvement (Dice or loss units)."""
+INPUTS = "inputs.json"
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,12 +189,29 @@ class TrainingTask:
         self.train_objective: nn.Module = self.objective
 
     def metric_keys(self, validation: bool) -> list[str]:
-        """The per-slice outputs averaged each epoch: of :class:`TrainingStep` or :class:`ValidationStep`."""
+        """The per-slice outputs averaged each epoch: of :class:`TrainingStep` or :class:`ValidationStep`.
+
+        Validation Dice of g's maps is not among them: :class:`ValidationDice` scores it.
+        """
         if self.config.task == "segmentation":
-            return ["loss", "dice_score"] if validation else ["loss"]
+            return ["loss"]
         if validation:
-            return ["loss", "mse", "psnr"] + (["dice", "dice_score"] if self.objective.monitor_dice else [])
-        return ["loss", "mse"] + (["dice"] if self.config.weight > 0 else [])
+            return ["loss", "mse", "psnr"] + (["dice_loss"] if self.objective.monitor_dice else [])
+        return ["loss", "mse"] + (["dice_loss"] if self.config.weight > 0 else [])
+
+    @property
+    def scores_dice(self) -> bool:
+        """Whether validation applies g and scores its maps (always for g; for f when a g is monitored)."""
+        return self.config.task == "segmentation" or self.objective.monitor_dice
+
+    def selection(self, validated: bool) -> Selection:
+        """How this task's best epoch is chosen (see :class:`Selection`)."""
+        threshold = self.config.improvement_threshold
+        if not validated:  # no held-out patients: the training loss is all there is
+            return Selection("train_loss", "min", threshold)
+        if self.config.task == "segmentation":
+            return Selection("val_dice_volume", "max", threshold)
+        return Selection("val_loss", "min", threshold)
 
     def trained_modules(self) -> dict[str, nn.Module]:
         """The modules whose weights the optimiser changes, by model-file name."""
@@ -238,6 +258,10 @@ class TrainingStep:
 
     def __call__(self, engine: Engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         task = self.task
+        # MONAI's own iteration (which this step replaces) calls train(); without it a g loaded
+        # in eval mode would be trained with frozen batch-norm statistics. A frozen g
+        # (task-adaptive training) stays in eval mode whatever train() is called on.
+        task.train_objective.train()
         image, fulldose, label = task.batch(batch)
         engine.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(task.device.type, dtype=task.amp_dtype, enabled=task.amp):
@@ -255,26 +279,27 @@ class TrainingStep:
 class ValidationStep:
     """Forward pass and per-slice validation metrics, as ``SupervisedEvaluator``'s ``iteration_update``.
 
-    Outputs ``(B,)`` tensors: ``loss`` (the training objective), and where
-    they apply ``mse``, ``dice`` (loss), ``dice_score`` (hard Dice of liver and tumour, the
-    paper's Table II score) and ``psnr`` (inside the reconstruction disc, data range 1).
+    Outputs ``(B,)`` tensors: ``loss`` (the training objective), and where they apply
+    ``mse``, ``dice_loss`` and ``psnr`` (inside the reconstruction disc, data range 1); where
+    g runs, ``dice_counts`` ``(B, 2, 3)`` (:func:`training.metrics.dice_counts` of g's hard
+    map, liver and tumour) and the slices' ``case`` ids, for :class:`ValidationDice`.
     """
 
     def __init__(self, task: TrainingTask) -> None:
         self.task = task
         self._roi: torch.Tensor | None = None
 
-    def __call__(self, engine: Engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def __call__(self, engine: Engine, batch: dict[str, Any]) -> dict[str, Any]:
         task = self.task
         image, fulldose, label = task.batch(batch)
         with eval_mode(task.objective), torch.autocast(task.device.type, dtype=task.amp_dtype, enabled=task.amp):
             terms = task.objective(image, fulldose, label, monitoring=True)
-        out = {k: v.float() for k, v in terms.items() if v.ndim == 1}
+        out: dict[str, Any] = {k: v.float() for k, v in terms.items() if v.ndim == 1}
         if "logits" in terms:
-            predicted = terms["logits"].argmax(1, keepdim=True)
-            dice = compute_dice(one_hot(predicted, NUM_CLASSES), one_hot(label, NUM_CLASSES),
-                                include_background=False, ignore_empty=False)
-            out["dice_score"] = dice.mean(1)
+            predicted = terms["logits"].argmax(1).cpu().numpy()
+            counts = dice_counts(predicted, label[:, 0].cpu().numpy(), DICE_LABELS, batch=True)
+            out["dice_counts"] = torch.from_numpy(counts)
+            out["case"] = list(batch["case"])
         if "reconstruction" in terms:
             if self._roi is None or self._roi.shape != image.shape[-2:]:
                 self._roi = torch.from_numpy(disc_mask(image.shape[-1])).to(task.device)
@@ -302,6 +327,68 @@ class SliceMean(Metric):
     @sync_all_reduce("_sum", "_count")
     def compute(self) -> float:
         return float(self._sum / self._count) if self._count > 0 else float("nan")
+
+
+class ValidationDice(Metric):
+    """g's validation Dice under the three conventions of :mod:`training.metrics`, exact across processes.
+
+    Accumulates the pixel counts of every validation patient (for the per-volume
+    convention) and the sums of the per-slice scores (for the two per-slice ones); every
+    process holds a share of the slices, and sums reduce exactly. ``compute`` gives, for
+    each convention ``C`` in ``volume``, ``slice_eq7`` and ``slice_present``: ``dice_C``
+    (the mean over patients or slices of each one's mean over its counted classes),
+    ``dice_C_liver`` and ``dice_C_tumour``.
+
+    Args:
+        cases: the validation patients (every process gets the same list).
+    """
+
+    CONVENTIONS = ("volume", "slice_eq7", "slice_present")
+
+    def __init__(self, cases: list[str]) -> None:
+        self._cases = {case: index for index, case in enumerate(cases)}
+        super().__init__(output_transform=lambda output: (output["dice_counts"], output["case"]),
+                         metrics_result_mode="flatten")
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        classes = len(DICE_LABELS)
+        self._case_counts = torch.zeros(len(self._cases), classes, 3, dtype=torch.int64)
+        # [convention (eq7, present)][classes..., mean][sum, count]
+        self._slice_sums = torch.zeros(2, classes + 1, 2, dtype=torch.float64)
+
+    @reinit__is_reduced
+    def update(self, output: tuple[torch.Tensor, list[str]]) -> None:
+        counts, cases = output
+        for case, slice_counts in zip(cases, counts):
+            self._case_counts[self._cases[case]] += slice_counts.cpu()
+        for row, convention in enumerate(("slice_eq7", "slice_present")):
+            per_class, mean = dice_scores(counts.cpu().numpy(), convention)
+            values = np.concatenate([per_class, mean[:, None]], axis=1)  # (B, classes + 1)
+            counted = ~np.isnan(values)
+            self._slice_sums[row, :, 0] += torch.from_numpy(np.where(counted, values, 0.0).sum(axis=0))
+            self._slice_sums[row, :, 1] += torch.from_numpy(counted.sum(axis=0).astype(np.float64))
+
+    @sync_all_reduce("_case_counts", "_slice_sums")
+    def compute(self) -> dict[str, float]:
+        results: dict[str, float] = {}
+        seen = self._case_counts.sum(dim=(1, 2)) > 0
+        counts = self._case_counts[seen].numpy()
+        per_class, mean = dice_scores(counts, "volume", cases=list(range(len(counts))))
+        values = np.concatenate([per_class, mean[:, None]], axis=1)
+        with np.errstate(invalid="ignore"):
+            volume = [float(np.nanmean(column)) if np.isfinite(column).any() else math.nan for column in values.T]
+        results.update(_dice_names("volume", volume))
+        for row, convention in enumerate(("slice_eq7", "slice_present")):
+            sums, counted = self._slice_sums[row, :, 0], self._slice_sums[row, :, 1]
+            results.update(_dice_names(convention, [float(s / n) if n > 0 else math.nan for s, n in zip(sums, counted)]))
+        return results
+
+
+def _dice_names(convention: str, values: list[float]) -> dict[str, float]:
+    """``dice_<convention>_liver``, ``..._tumour`` and ``dice_<convention>`` (the mean) from per-class values and the mean."""
+    liver, tumour, mean = values
+    return {f"dice_{convention}": mean, f"dice_{convention}_liver": liver, f"dice_{convention}_tumour": tumour}
 
 
 # ---------------------------------------------------------------------------------------
@@ -356,31 +443,87 @@ def _loaders(dataset: SimulatedDataset, task: TrainingTask, distributed: Distrib
 # Policy and bookkeeping after every epoch
 
 
-class EpochPolicy:
-    """After each epoch: score, learning-rate schedule, early stopping, checkpoints, history.
+@dataclass(frozen=True)
+class Selection:
+    """How the best epoch is chosen: the monitored metric, its direction and a relative threshold.
 
-    Attached to the trainer's ``EPOCH_COMPLETED`` after validation. Its state (best score,
+    A value improves on the best so far when it is better by more than ``threshold`` times
+    the best value's magnitude. Being relative, the rule takes the same decisions for two
+    runs whose losses differ by a constant factor: the Base U-Net's MSE (about 6e-4 at 32 dB)
+    and a large alpha's loss, dominated by its Dice term (0.1-0.5), are judged alike. The
+    learning-rate schedule uses the same rule (``ReduceLROnPlateau`` in ``rel`` mode, which
+    agrees with :meth:`improves` for the non-negative losses and Dice scores monitored here).
+
+    Args:
+        metric: a column of ``history.csv`` (``val_loss``, ``val_dice_volume``, ``train_loss``).
+        mode: ``min`` (a loss) or ``max`` (a Dice score).
+        threshold: the relative improvement that counts, in [0, 1).
+    """
+
+    metric: str
+    mode: str
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+
+    @property
+    def worst(self) -> float:
+        """The starting 'best' value, which any finite value improves on."""
+        return math.inf if self.mode == "min" else -math.inf
+
+    def improves(self, value: float, best: float) -> bool:
+        """Whether ``value`` is better than ``best`` by more than ``threshold * |best|`` (NaN never is)."""
+        if math.isnan(value):
+            return False
+        if math.isinf(best):
+            return value != best
+        margin = self.threshold * abs(best)
+        return value < best - margin if self.mode == "min" else value > best + margin
+
+    def score(self, value: float) -> float:
+        """The value as a higher-is-better score (what MONAI Label's key metric expects)."""
+        return value if self.mode == "max" else -value
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, factor: float, patience: int) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+        """A ``ReduceLROnPlateau`` that steps on the monitored value with this rule."""
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=self.mode, factor=factor, patience=patience,
+                                                          threshold=self.threshold, threshold_mode="rel")
+
+
+class EpochPolicy:
+    """After each epoch: selection, learning-rate schedule, early stopping, checkpoints, history.
+
+    Attached to the trainer's ``EPOCH_COMPLETED`` after validation. Its state (best value,
     epochs without improvement, history) is part of ``last.pt``.
     """
 
-    def __init__(self, run: Path, task: TrainingTask, optimizer: torch.optim.Optimizer,
+    def __init__(self, run: Path, task: TrainingTask, selection: Selection, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau, step: TrainingStep,
                  evaluator: Engine | None, distributed: Distributed, writer: Any) -> None:
-        self.run, self.task, self.optimizer, self.scheduler, self.step = run, task, optimizer, scheduler, step
+        self.run, self.task, self.selection = run, task, selection
+        self.optimizer, self.scheduler, self.step = optimizer, scheduler, step
         self.evaluator, self.distributed, self.writer = evaluator, distributed, writer
-        self.best_score = -math.inf
+        self.best_value = selection.worst
         self.best_epoch = 0
         self.bad_epochs = 0
         self.stopped_early = False
         self.history: list[dict[str, float]] = []
         self._epoch_start = time.perf_counter()
 
+    @property
+    def best_score(self) -> float:
+        return self.selection.score(self.best_value)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
                 "stopped_early": self.stopped_early, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         self.bad_epochs, self.stopped_early, self.history = state["bad_epochs"], state["stopped_early"], list(state["history"])
 
     def attach(self, trainer: Engine) -> None:
@@ -396,17 +539,15 @@ class EpochPolicy:
         row.update({k: v for k, v in trainer.state.metrics.items()})
         if self.evaluator is not None:
             row.update({f"val_{k}": v for k, v in self.evaluator.state.metrics.items()})
-            score = row["val_dice_score"] if self.task.config.task == "segmentation" else -row["val_loss"]
-        else:  # no held-out patients: the training loss is all there is
-            score = -row["train_loss"]
-        row["score"] = score
+        value = row[self.selection.metric]
+        row["score"] = self.selection.score(value)
         row["seconds"] = time.perf_counter() - self._epoch_start
-        improved = score > self.best_score + MIN_IMPROVEMENT
+        improved = self.selection.improves(value, self.best_value)
         if improved:
-            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            self.best_value, self.best_epoch, self.bad_epochs = value, epoch, 0
         else:
             self.bad_epochs += 1
-        self.scheduler.step(score)
+        self.scheduler.step(value)
         self.history.append(row)
         if self.bad_epochs >= self.task.config.early_stopping_patience and epoch < trainer.state.max_epochs:
             self.stopped_early = True
@@ -419,12 +560,12 @@ class EpochPolicy:
             self._save_resume_state(trainer)
             _write_history(self.run / "history.csv", self.history)
             if self.writer is not None:
-                for key, value in metrics.items():
-                    self.writer.add_scalar(key, value, epoch)
+                for key, number in metrics.items():
+                    self.writer.add_scalar(key, number, epoch)
                 self.writer.flush()
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("seconds",))
-            log.info("epoch %d/%d: %s (%.1f s)%s", epoch, trainer.state.max_epochs, shown, row["seconds"],
-                     " *best*" if improved else "")
+            shown = ", ".join(f"{k} {row[k]:.4g}" for k in _LOGGED if k in row)
+            log.info("epoch %d/%d: %s; %s %.4g (%.1f s)%s", epoch, trainer.state.max_epochs, shown, self.selection.metric,
+                     value, row["seconds"], " *best*" if improved else "")
             if self.stopped_early:
                 log.info("early stop: no improvement for %d epochs; best epoch %d", self.bad_epochs, self.best_epoch)
 
@@ -443,6 +584,10 @@ class EpochPolicy:
         }
         with atomic_path(self.run / "last.pt") as tmp:
             torch.save(state, tmp)
+
+
+_LOGGED = ("lr", "train_loss", "val_loss", "val_psnr", "val_dice_volume")
+"""The history columns of each epoch's log line (the rest are in history.csv and TensorBoard)."""
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:
@@ -468,7 +613,11 @@ def read_history(run: str | Path) -> list[dict[str, float]]:
 
 @dataclass(frozen=True)
 class TrainingSummary:
-    """What a finished run reports (also ``summary.json``)."""
+    """What a finished run reports (also ``summary.json``).
+
+    ``best_score`` is the best epoch's monitored value as a higher-is-better score;
+    ``selection`` says which metric it is, its direction and threshold, and its value.
+    """
 
     task: str
     weight: float
@@ -481,6 +630,7 @@ class TrainingSummary:
     device: str
     fit_slices: int
     validation_slices: int
+    selection: dict[str, Any] = field(default_factory=dict)
 
 
 def read_summary(run: str | Path) -> TrainingSummary | None:
@@ -489,15 +639,64 @@ def read_summary(run: str | Path) -> TrainingSummary | None:
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    return TrainingSummary(**{f.name: saved[f.name] for f in fields(TrainingSummary)})
+    return TrainingSummary(**{f.name: saved[f.name] for f in fields(TrainingSummary) if f.name in saved})
 
 
-def check_run_folder(run: Path, config: TrainingConfig) -> None:
-    """Refuse to resume or skip a run folder that was started with another configuration."""
+def dataset_fingerprint(dataset: SimulatedDataset) -> str:
+    """sha256 of what a training depends on in the manifest: format, simulation settings, split and cases.
+
+    Baseline and reconstruction records (``methods``) are left out: running a baseline or
+    ``tact reconstruct`` does not change the training data.
+    """
+    manifest = dataset.manifest
+    relevant = {key: manifest.get(key) for key in ("format", "version", "simulation", "split", "cases")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_inputs(config: TrainingConfig, dataset: SimulatedDataset) -> dict[str, Any]:
+    """What a run trains on, as ``inputs.json`` records it: the data set and the segmenter file."""
+    inputs: dict[str, Any] = {"dataset": {"path": str(dataset.root.resolve()), "fingerprint": dataset_fingerprint(dataset)}}
+    if config.segmenter_checkpoint is not None and Path(config.segmenter_checkpoint).is_file():
+        segmenter = Path(config.segmenter_checkpoint)
+        inputs["segmenter"] = {"path": str(segmenter.resolve()), "sha256": file_sha256(segmenter)}
+    return inputs
+
+
+def check_run_folder(run: Path, config: TrainingConfig, inputs: dict[str, Any] | None = None) -> None:
+    """Refuse to resume or skip a run folder started with another configuration, data set or segmenter file.
+
+    Raises:
+        ConfigError: another configuration; DataError: naming the ``--dataset`` or segmenter
+            file that differs from what the run recorded in ``inputs.json``.
+    """
     saved = run / "config.yaml"
     if saved.is_file() and load_config(saved) != config:
         raise ConfigError(f"{run} holds a run with another configuration ({saved}); "
                           "use a new output folder or the same settings to resume")
+    recorded_path = run / INPUTS
+    if inputs is None or not recorded_path.is_file():
+        return
+    recorded = json.loads(recorded_path.read_text())
+    old, new = recorded["dataset"], inputs["dataset"]
+    if old["fingerprint"] != new["fingerprint"]:
+        raise DataError(new["path"], f"is not the data set the run in {run} was trained on ({old['path']}, manifest "
+                                     f"fingerprint {old['fingerprint'][:12]}, this one {new['fingerprint'][:12]}); "
+                                     "use a new --out, or that data set to resume")
+    if old["path"] != new["path"]:
+        log.info("%s: the data set moved from %s to %s (same manifest fingerprint)", run, old["path"], new["path"])
+    old_g, new_g = recorded.get("segmenter"), inputs.get("segmenter")
+    if old_g is not None and new_g is not None and old_g["sha256"] != new_g["sha256"]:
+        raise DataError(new_g["path"], f"has changed since the run in {run} started (sha256 {old_g['sha256'][:12]} then, "
+                                       f"{new_g['sha256'][:12]} now); use a new --out, or restore the file to resume")
 
 
 def train(
@@ -514,6 +713,8 @@ def train(
         dataset: the data set from ``tact simulate`` (training split; validation patients
             are held out of it).
         out: the run folder; an unfinished run there is resumed, a finished one returned.
+            A run folder holds one configuration on one data set (and segmenter file):
+            another is refused.
         device: ``cpu`` or ``cuda``; default CUDA where available.
         progress: show a progress bar over each epoch's batches (rank 0 only).
 
@@ -521,21 +722,21 @@ def train(
         ConfigError, DataError: before any training, for settings or data that cannot work.
     """
     run = Path(out)
-    check_run_folder(run, config)
+    dataset = dataset if isinstance(dataset, SimulatedDataset) else SimulatedDataset(dataset)
+    inputs = run_inputs(config, dataset)
+    check_run_folder(run, config, inputs)
     finished = read_summary(run)
     if finished is not None:
         log.info("%s: already trained (%d epochs, best epoch %d); delete the folder to retrain", run, finished.epochs,
                  finished.best_epoch)
         return finished
     distributed = setup_distributed(device)
-    dataset = dataset if isinstance(dataset, SimulatedDataset) else SimulatedDataset(dataset)
     set_determinism(seed=config.seed)
     task = TrainingTask(config, distributed.device)
     train_loader, val_loader, split = _loaders(dataset, task, distributed)
+    selection = task.selection(validated=val_loader is not None)
     optimizer = torch.optim.Adam(task.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=config.lr_factor,
-                                                           patience=config.lr_patience, threshold=MIN_IMPROVEMENT,
-                                                           threshold_mode="abs")
+    scheduler = selection.scheduler(optimizer, config.lr_factor, config.lr_patience)
     resume = _read_resume_state(run, config)
     if resume is not None:
         for name, module in task.trained_modules().items():
@@ -553,6 +754,8 @@ def train(
                                         iteration_update=ValidationStep(task), decollate=False)
         for key in task.metric_keys(validation=True):
             SliceMean(key).attach(evaluator, key)
+        if task.scores_dice:
+            ValidationDice(split["validation"]).attach(evaluator, "dice")
     trainer = SupervisedTrainer(device=distributed.device, max_epochs=config.epochs, train_data_loader=train_loader,
                                 network=task.train_objective, optimizer=optimizer, loss_function=task.objective.loss,
                                 iteration_update=step, decollate=False)
@@ -564,10 +767,11 @@ def train(
     if distributed.is_main:
         run.mkdir(parents=True, exist_ok=True)
         save_config(run / "config.yaml", config)
+        save_json(run / INPUTS, inputs)
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(log_dir=str(run / "tensorboard"))
-    policy = EpochPolicy(run, task, optimizer, scheduler, step, evaluator, distributed, writer)
+    policy = EpochPolicy(run, task, selection, optimizer, scheduler, step, evaluator, distributed, writer)
     policy.attach(trainer)
     if progress and distributed.is_main:
         from ignite.handlers import ProgressBar
@@ -582,9 +786,10 @@ def train(
             torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
         trainer.load_state_dict(resume["trainer"])
         log.info("%s: resuming after epoch %d of %d", run, resume["trainer"]["epoch"], config.epochs)
-    log.info("%s: training %s on %d slices (%d patients), validating on %d slices (%d patients), %s, %d process(es)",
-             run, f"{config.task} {_weight_text(config)}".strip(), split["fit_slices"], len(split["fit"]),
-             split["validation_slices"], len(split["validation"]), distributed.device, distributed.world_size)
+    log.info("%s: training %s on %d slices (%d patients), validating on %d slices (%d patients), %s, %d process(es); "
+             "best epoch by %s (%s, relative threshold %g)", run, f"{config.task} {_weight_text(config)}".strip(),
+             split["fit_slices"], len(split["fit"]), split["validation_slices"], len(split["validation"]),
+             distributed.device, distributed.world_size, selection.metric, selection.mode, selection.threshold)
     already = resume is not None and (resume["policy"]["stopped_early"] or resume["trainer"]["epoch"] >= config.epochs)
     if not already:
         trainer.run()
@@ -594,7 +799,8 @@ def train(
     summary = TrainingSummary(task=config.task, weight=config.weight, epochs=len(policy.history), best_epoch=policy.best_epoch,
                               best_score=policy.best_score, stopped_early=policy.stopped_early, seconds=seconds,
                               world_size=distributed.world_size, device=str(distributed.device),
-                              fit_slices=split["fit_slices"], validation_slices=split["validation_slices"])
+                              fit_slices=split["fit_slices"], validation_slices=split["validation_slices"],
+                              selection=asdict(selection) | {"best_value": policy.best_value})
     if distributed.is_main:
         save_json(run / "summary.json", asdict(summary) | {"split": split})
     if dist.is_initialized():
@@ -615,7 +821,9 @@ def _read_resume_state(run: Path, config: TrainingConfig) -> dict[str, Any] | No
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises pickle, zip and runtime errors for a damaged file
-        raise DataError(path, f"cannot resume from this file ({type(exc).__name__}: {exc}); delete it to start over") from exc
+        # Not torch's text: for a file of pickled objects it advises unsafe loading (weights_only=False).
+        raise DataError(path, f"not a TaskAdaptiveCT resume state (PyTorch cannot read it as one: {type(exc).__name__}); "
+                              "delete it to start over") from None
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise DataError(path, "not a resume state of this project; delete it to start over")
     if state["config"] != asdict(config):

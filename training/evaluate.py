@@ -2,21 +2,28 @@
 
 Writes, into the report folder:
 
-* ``metrics.csv``: one row per method and slice,
-  ``method,case,slice,psnr,ssim,rmse_hu,dice_liver,dice_tumour,dice`` (ROI PSNR in dB and
-  SSIM on the normalised image with data range 1; RMSE against the full dose inside the
-  ROI, in HU; Dice of the pre-trained segmenter's map of the method's image against the
-  reference labels, per class and their mean: empty without a segmenter);
+* ``metrics.csv``: one row per method and slice: ``method,case,slice,psnr,ssim,rmse_hu``
+  (ROI PSNR in dB and SSIM on the normalised image with data range 1; RMSE against the full
+  dose inside the ROI, in HU), then, with a segmenter, the Dice of its map of the method's
+  image against the reference labels under the two per-slice conventions
+  (``dice_slice_eq7_liver``, ``..._tumour``, ``dice_slice_eq7``; ``dice_slice_present_*``,
+  empty where a class is not counted) and the pixel counts they derive from
+  (``liver_overlap``, ``liver_predicted``, ``liver_reference``, ``tumour_*``);
+* ``dice_volume.csv`` (with a segmenter): the per-volume Dice of each method and patient;
 * ``table_reconstruction.md``: mean ± std per method, in the form of the paper's Table I;
-* ``table_dice.md`` (with a segmenter): mean ± std Dice per method, the paper's Table II;
+* ``table_dice.md`` (with a segmenter): Dice per method under the three named conventions
+  side by side, liver and tumour separately (the paper's Table II), with the score of an
+  empty map as a reference row;
 * ``figures/``: Fig. 3-style panels (low-dose, each method, full dose, with per-image PSNR
   and SSIM), with a segmenter Fig. 4-style panels (each image with g's predicted map
   overlaid, and the reference map), and box plots of the metrics per method.
 
 Dice follows the paper (§3.2): the frozen segmenter g, pre-trained on full-dose scans, is
 applied to every method's image, full dose included, and only the liver and tumour classes
-are scored (:func:`training.metrics.dice_per_class`; a class absent from both the
-prediction and the reference scores 1).
+are scored. The conventions (:data:`training.metrics.DICE_CONVENTIONS`) differ in what
+they average over and in what a class absent from both maps counts for: (a) per slice as
+eq. 7 (absent = 1), (b) per slice over the classes present (absent = not counted), (c) per
+volume (counts summed over a patient's slices, the LiTS convention).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from training.dataset import FULLDOSE, LOWDOSE, SimulatedDataset, SliceRef, work
 from training.errors import DataError
 from training.fileio import atomic_path
 from training.methods import BASELINES, is_known_method, method_label
-from training.metrics import DICE_LABELS, dice_per_class, roi_psnr_ssim
+from training.metrics import DICE_LABELS, dice_counts, dice_scores, roi_psnr_ssim
 from training.parallel import process_pool
 from training.physics import disc_mask, hu_per_normalized_unit
 from training.volume import LABEL_LIVER, LABEL_TUMOR
@@ -62,13 +69,26 @@ SEGMENTATION_COLOURS = {LABEL_LIVER: (0.0, 0.85, 0.0), LABEL_TUMOR: (0.95, 0.0, 
 OVERLAY_ALPHA = 0.45
 
 
+DiceCounts = tuple[tuple[int, int, int], ...]
+"""Per class (liver, tumour): pixels in both maps, in the prediction, in the reference."""
+
+COUNT_COLUMNS = tuple(f"{name}_{part}" for name in ("liver", "tumour") for part in ("overlap", "predicted", "reference"))
+"""The ``metrics.csv`` columns of :attr:`SliceMetrics.dice_counts`."""
+SLICE_CONVENTIONS = ("slice_eq7", "slice_present")
+CONVENTION_LABELS = {
+    "slice_eq7": "(a) per slice, eq. 7",
+    "slice_present": "(b) per slice, present classes",
+    "volume": "(c) per volume",
+}
+
+
 @dataclass(frozen=True)
 class SliceMetrics:
     """Quality of one method on one slice.
 
     ``psnr`` (dB), ``ssim`` and ``rmse_hu`` (HU) against the full dose inside the disc ROI;
-    ``dice_liver``, ``dice_tumour`` and their mean ``dice`` score the segmenter's map of the
-    method's image against the reference labels (NaN when no segmenter was given).
+    ``dice_counts`` compare the segmenter's map of the method's image with the reference
+    labels (``None`` when no segmenter was given), and every Dice score derives from them.
     """
 
     method: str
@@ -77,13 +97,20 @@ class SliceMetrics:
     psnr: float
     ssim: float
     rmse_hu: float
-    dice_liver: float = math.nan
-    dice_tumour: float = math.nan
-    dice: float = math.nan
+    dice_counts: DiceCounts | None = None
 
     @property
     def has_dice(self) -> bool:
-        return not math.isnan(self.dice)
+        return self.dice_counts is not None
+
+    def dice(self, convention: str) -> tuple[float, float, float]:
+        """``(liver, tumour, mean)`` Dice of this slice under a per-slice convention (NaN: not counted or not measured)."""
+        if convention not in SLICE_CONVENTIONS:
+            raise ValueError(f"a slice has Dice under {SLICE_CONVENTIONS}, not {convention!r}")
+        if self.dice_counts is None:
+            return math.nan, math.nan, math.nan
+        per_class, mean = dice_scores(np.asarray([self.dice_counts]), convention)
+        return float(per_class[0, 0]), float(per_class[0, 1]), float(mean[0])
 
 
 @dataclass(frozen=True)
@@ -184,8 +211,10 @@ def evaluate_dataset(
         dice, predictions = segment()
     rows = [row for slice_rows in per_slice for row in slice_rows]
     if g is not None:
-        rows = [dataclasses.replace(r, **dice[r.method, SliceRef(r.case, r.slice)]) for r in rows]
+        rows = [dataclasses.replace(r, dice_counts=dice[r.method, SliceRef(r.case, r.slice)]) for r in rows]
     write_metrics_csv(out / "metrics.csv", rows)
+    if g is not None:
+        write_volume_dice_csv(out / "dice_volume.csv", rows, methods)
     provenance = _provenance(dataset, split)
     with atomic_path(out / "table_reconstruction.md") as tmp:
         tmp.write_text(reconstruction_table(rows, methods, provenance))
@@ -223,16 +252,17 @@ def segment_and_score(
     keep: set[SliceRef] | frozenset[SliceRef] = frozenset(),
     progress: bool = False,
     batch_size: int = 16,
-) -> tuple[dict[tuple[str, SliceRef], dict[str, float]], dict[tuple[str, SliceRef], np.ndarray]]:
-    """Apply g to each method's image of each slice and score its map against the reference labels.
+) -> tuple[dict[tuple[str, SliceRef], DiceCounts], dict[tuple[str, SliceRef], np.ndarray]]:
+    """Apply g to each method's image of each slice and count its map against the reference labels.
 
     Returns:
-        ``{(method, ref): {"dice_liver", "dice_tumour", "dice"}}`` for every pair, and g's
-        ``(N, N)`` uint8 label maps for the slices in ``keep`` (for the figures).
+        ``{(method, ref): dice counts}`` (:func:`training.metrics.dice_counts` of liver and
+        tumour) for every pair, and g's ``(N, N)`` uint8 label maps for the slices in
+        ``keep`` (for the figures).
     """
     from training.inference import segment_images
 
-    scores: dict[tuple[str, SliceRef], dict[str, float]] = {}
+    counts: dict[tuple[str, SliceRef], DiceCounts] = {}
     maps: dict[tuple[str, SliceRef], np.ndarray] = {}
     with tqdm(total=len(refs) * len(methods), desc="segment", unit="image", disable=not progress) as bar:
         for method in methods:
@@ -240,23 +270,35 @@ def segment_and_score(
                 batch = refs[start : start + batch_size]
                 images = np.stack([dataset.slice(method, r) for r in batch])
                 predicted = segment_images(segmenter, images, batch_size, device)
-                for ref, labels in zip(batch, predicted):
-                    per_class = dice_per_class(labels, dataset.segmentation(ref), DICE_LABELS)
-                    scores[method, ref] = {"dice_liver": per_class[LABEL_LIVER], "dice_tumour": per_class[LABEL_TUMOR],
-                                           "dice": float(np.mean(list(per_class.values())))}
+                references = np.stack([dataset.segmentation(r) for r in batch])
+                for ref, labels, slice_counts in zip(batch, predicted, dice_counts(predicted, references, DICE_LABELS, batch=True)):
+                    counts[method, ref] = tuple(tuple(int(v) for v in row) for row in slice_counts)
                     if ref in keep:
                         maps[method, ref] = labels
                 bar.update(len(batch))
-    return scores, maps
+    return counts, maps
+
+
+def _csv_row(row: SliceMetrics) -> dict[str, object]:
+    """A ``metrics.csv`` row: the image metrics, each per-slice Dice convention, and the counts."""
+    cells: dict[str, object] = {f.name: getattr(row, f.name) for f in fields(SliceMetrics) if f.name != "dice_counts"}
+    for convention in SLICE_CONVENTIONS:
+        liver, tumour, mean = row.dice(convention)
+        cells.update({f"dice_{convention}_liver": liver, f"dice_{convention}_tumour": tumour, f"dice_{convention}": mean})
+    flat = [v for per_class in row.dice_counts for v in per_class] if row.dice_counts is not None else [""] * 6
+    cells.update(dict(zip(COUNT_COLUMNS, flat)))
+    return cells
 
 
 def write_metrics_csv(path: str | Path, rows: Sequence[SliceMetrics]) -> None:
     """One CSV row per method and slice, written atomically; a missing (NaN) value is left empty."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(SliceMetrics)], lineterminator="\n")
+    records = [_csv_row(row) for row in rows]
+    names = list(records[0]) if records else [f.name for f in fields(SliceMetrics)]
+    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
     writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _cell(v) for k, v in asdict(row).items()})
+    for record in records:
+        writer.writerow({k: _cell(v) for k, v in record.items()})
     with atomic_path(path) as tmp:
         tmp.write_text(buffer.getvalue())
 
@@ -268,26 +310,73 @@ def _cell(value: object) -> object:
     return value
 
 
-def _number(text: str | None) -> float:
-    """A CSV cell as a float: empty or absent (a report written without Dice) is NaN."""
-    return math.nan if text is None or text == "" else float(text)
+def _counts(record: dict[str, str]) -> DiceCounts | None:
+    """The Dice counts of a ``metrics.csv`` record, or None (no segmenter, or a report from before counts)."""
+    values = [record.get(column) or "" for column in COUNT_COLUMNS]
+    if any(v == "" for v in values):
+        return None
+    numbers = [int(v) for v in values]
+    return tuple(tuple(numbers[i : i + 3]) for i in range(0, len(numbers), 3))
 
 
 def read_metrics_csv(path: str | Path) -> list[SliceMetrics]:
-    """The rows of a ``metrics.csv`` (with or without the Dice columns)."""
+    """The rows of a ``metrics.csv`` (with or without the Dice counts)."""
     with open(path, newline="") as handle:
         return [
             SliceMetrics(r["method"], r["case"], int(r["slice"]), float(r["psnr"]), float(r["ssim"]), float(r["rmse_hu"]),
-                         _number(r.get("dice_liver")), _number(r.get("dice_tumour")), _number(r.get("dice")))
+                         _counts(r))
             for r in csv.DictReader(handle)
         ]
 
 
-def _mean_std(values: Sequence[float], digits: int) -> str:
+@dataclass(frozen=True)
+class VolumeDice:
+    """Per-volume Dice (convention (c)) of one method on one patient; NaN where a class is not counted."""
+
+    method: str
+    case: str
+    slices: int
+    liver: float
+    tumour: float
+    mean: float
+
+
+def volume_dice(rows: Sequence[SliceMetrics], method: str) -> list[VolumeDice]:
+    """The per-volume Dice of ``method`` on each patient of ``rows`` (the slices' counts summed per patient)."""
+    mine = [r for r in rows if r.method == method and r.has_dice]
+    if not mine:
+        return []
+    cases = [r.case for r in mine]
+    per_class, mean = dice_scores(np.asarray([r.dice_counts for r in mine]), "volume", cases)
+    order = list(dict.fromkeys(cases))
+    return [VolumeDice(method, case, cases.count(case), float(per_class[i, 0]), float(per_class[i, 1]), float(mean[i]))
+            for i, case in enumerate(order)]
+
+
+def write_volume_dice_csv(path: str | Path, rows: Sequence[SliceMetrics], methods: Sequence[str]) -> None:
+    """``dice_volume.csv``: ``method,case,slices,dice_volume_liver,dice_volume_tumour,dice_volume``, atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", "case", "slices", "dice_volume_liver", "dice_volume_tumour", "dice_volume"])
+    for method in methods:
+        for v in volume_dice(rows, method):
+            writer.writerow([v.method, v.case, v.slices, _cell(v.liver), _cell(v.tumour), _cell(v.mean)])
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def _mean_std(values: Sequence[float], digits: int, total: int | None = None) -> str:
+    """``mean ± std`` (population std) of the counted (non-NaN) values; ``(n = k)`` when fewer than ``total`` count."""
     values = np.asarray(values, dtype=np.float64)
-    if not np.isfinite(values).all():
+    if values.size and np.isinf(values).all():
         return "reference"
-    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+    counted = values[~np.isnan(values)]
+    if counted.size == 0:
+        return "n/a"
+    text = f"{counted.mean():.{digits}f} ± {counted.std():.{digits}f}"
+    if total is not None and counted.size < total:
+        text += f" (n = {counted.size})"
+    return text
 
 
 def reconstruction_table(rows: Sequence[SliceMetrics], methods: Sequence[str], provenance: str = "") -> str:
@@ -308,31 +397,61 @@ def reconstruction_table(rows: Sequence[SliceMetrics], methods: Sequence[str], p
     return "\n".join(lines) + "\n"
 
 
-def dice_table(rows: Sequence[SliceMetrics], methods: Sequence[str], provenance: str = "") -> str:
-    """Markdown table of mean ± std (population std) Dice per method (Table II form).
+EMPTY_MAP = "empty map"
+"""The reference row of the Dice table: a segmenter that finds nothing, scored like the methods."""
 
-    The Dice column is the paper's score, the mean of the liver and tumour classes per
-    slice; the per-class means follow it. Methods without Dice values are left out.
+
+def _empty_map_rows(rows: Sequence[SliceMetrics]) -> list[SliceMetrics]:
+    """Rows of a map with no liver and no tumour on every slice that has Dice counts."""
+    slices = {(r.case, r.slice): r for r in rows if r.has_dice}
+    return [dataclasses.replace(r, method=EMPTY_MAP, dice_counts=tuple((0, 0, ref) for _, _, ref in r.dice_counts))
+            for r in slices.values()]
+
+
+def dice_table(rows: Sequence[SliceMetrics], methods: Sequence[str], provenance: str = "") -> str:
+    """Markdown Table II: each method's Dice under the three named conventions, then liver and tumour separately.
+
+    (a) and (b) are mean ± std (population std) over slices, (c) over patients; ``n =``
+    says how many were counted where a convention leaves some out. The last row scores an
+    empty map (nothing found on any slice): what each convention gives a segmenter that
+    fails entirely. Methods without Dice values are left out.
     """
-    lines = ["Table II: Dice scores (mean ± std) of the pre-trained segmentation model, "
+    lines = ["Table II: Dice of the pre-trained segmentation model on each method's images, "
              "liver and tumour classes (background excluded)", ""]
     if provenance:
         lines += [provenance, ""]
-    lines += ["| Method | Dice | Dice liver | Dice tumour | slices |", "|---|---|---|---|---|"]
-    for method in methods:
-        mine = [r for r in rows if r.method == method and r.has_dice]
-        if mine:
-            lines.append(f"| {method_label(method)} | {_mean_std([r.dice for r in mine], 4)} "
-                         f"| {_mean_std([r.dice_liver for r in mine], 4)} | {_mean_std([r.dice_tumour for r in mine], 4)} "
-                         f"| {len(mine)} |")
+    lines += ["Conventions: (a) per slice, eq. 7 of the paper: a class absent from both the predicted and the reference "
+              "map scores 1; (b) per slice, over the classes present in the reference or the prediction (absent from "
+              "both: not counted); (c) per volume, the LiTS convention: each patient's counts summed over its slices, "
+              "absent classes not counted; mean over patients.", ""]
+    lines += ["| Method | Dice (a) per slice, eq. 7 | Dice (b) per slice, present classes | Dice (c) per volume | slices | patients |",
+              "|---|---|---|---|---|---|"]
+    named = [(m, method_label(m)) for m in methods] + [(EMPTY_MAP, "Empty map (nothing found)")]
+    all_rows = list(rows) + _empty_map_rows(rows)
+    per_class_lines = []
+    for method, label in named:
+        mine = [r for r in all_rows if r.method == method and r.has_dice]
+        if not mine:
+            continue
+        a = np.array([r.dice("slice_eq7") for r in mine])
+        b = np.array([r.dice("slice_present") for r in mine])
+        c = np.array([(v.liver, v.tumour, v.mean) for v in volume_dice(all_rows, method)])
+        lines.append(f"| {label} | {_mean_std(a[:, 2], 4, len(mine))} | {_mean_std(b[:, 2], 4, len(mine))} "
+                     f"| {_mean_std(c[:, 2], 4, len(c))} | {len(mine)} | {len(c)} |")
+        per_class_lines.append(
+            f"| {label} | {_mean_std(a[:, 0], 4, len(mine))} | {_mean_std(a[:, 1], 4, len(mine))} "
+            f"| {_mean_std(b[:, 0], 4, len(mine))} | {_mean_std(b[:, 1], 4, len(mine))} "
+            f"| {_mean_std(c[:, 0], 4, len(c))} | {_mean_std(c[:, 1], 4, len(c))} |")
+    lines += ["", "Liver and tumour separately:", "",
+              "| Method | liver (a) | tumour (a) | liver (b) | tumour (b) | liver (c) | tumour (c) |",
+              "|---|---|---|---|---|---|---|", *per_class_lines]
     return "\n".join(lines) + "\n"
 
 
 def segmenter_provenance(model: ModelFile) -> str:
     """One line naming the segmenter file, its epoch and its validation metrics."""
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(model.metrics.items())) or "none recorded"
-    return (f"Segmenter: {model.path.resolve()} ({model.task} model, epoch {model.epoch}; validation metrics: {metrics}). "
-            "A class absent from both the predicted and the reference map scores 1.")
+    return f"Segmenter: {model.path.resolve()} ({model.task} model, epoch {model.epoch}; validation metrics: {metrics})."
 
 
 def _provenance(dataset: SimulatedDataset, split: str) -> str:
@@ -400,8 +519,13 @@ def _panel_title(method: str, m: SliceMetrics | None) -> str:
     else:
         title = f"{method_label(method)}\nPSNR {m.psnr:.2f} dB, SSIM {m.ssim:.3f}"
     if m is not None and m.has_dice:
-        title += f"\nDice {m.dice:.3f}"
+        liver, tumour, _ = m.dice("slice_present")
+        title += f"\nDice liver {_score_text(liver)}, tumour {_score_text(tumour)}"
     return title
+
+
+def _score_text(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
 
 
 def label_overlay(labels: np.ndarray) -> np.ndarray:
@@ -458,14 +582,14 @@ def plot_metric_distributions(rows: Sequence[SliceMetrics], methods: Sequence[st
     import matplotlib.pyplot as plt
 
     shown = [m for m in methods if m != FULLDOSE]
-    panels = [("psnr", "PSNR (dB)", shown), ("ssim", "SSIM", shown)]
+    panels = [(lambda r: r.psnr, "PSNR (dB)", shown), (lambda r: r.ssim, "SSIM", shown)]
     if any(r.has_dice for r in rows):
-        panels.append(("dice", "Dice (liver, tumour)", list(methods)))
+        panels.append((lambda r: r.dice("slice_present")[2], "Dice per slice, present classes (b)", list(methods)))
     longest = max(len(p[2]) for p in panels)
     fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (1.6 + 0.75 * longest), 4.2), squeeze=False,
                              layout="constrained")
-    for ax, (metric, ylabel, names) in zip(axes[0], panels):
-        data = [[getattr(r, metric) for r in rows if r.method == m and not math.isnan(getattr(r, metric))] for m in names]
+    for ax, (value, ylabel, names) in zip(axes[0], panels):
+        data = [[value(r) for r in rows if r.method == m and not math.isnan(value(r))] for m in names]
         ax.boxplot(data)
         ax.set_xticks(range(1, len(names) + 1), [method_label(m) for m in names], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)

@@ -66,9 +66,9 @@ class TaskWeightedLoss(nn.Module):
 
     def terms(self, reconstruction: torch.Tensor, full_dose: torch.Tensor, labels: torch.Tensor,
               with_dice: bool = False) -> dict[str, torch.Tensor]:
-        """Per-slice ``loss``, ``mse`` and ``dice`` (each ``(B,)``) and g's ``logits``.
+        """Per-slice ``loss``, ``mse`` and ``dice_loss`` (each ``(B,)``) and g's ``logits``.
 
-        With ``weight = 0`` the segmentation pass is skipped (``dice`` and ``logits`` are
+        With ``weight = 0`` the segmentation pass is skipped (``dice_loss`` and ``logits`` are
         absent) unless ``with_dice`` asks for it, e.g. to monitor the Base U-Net's task quality.
         """
         if reconstruction.shape != full_dose.shape or reconstruction.shape[0] != labels.shape[0]:
@@ -80,9 +80,9 @@ class TaskWeightedLoss(nn.Module):
             return out
         logits = self.segmenter(reconstruction).float()
         out["logits"] = logits
-        out["dice"] = self.dice(logits, labels).flatten(1).mean(1)
+        out["dice_loss"] = self.dice(logits, labels).flatten(1).mean(1)
         if self.weight > 0.0:
-            out["loss"] = (1.0 - self.weight) * mse + self.weight * out["dice"]
+            out["loss"] = (1.0 - self.weight) * mse + self.weight * out["dice_loss"]
         return out
 
     def forward(self, reconstruction: torch.Tensor, full_dose: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
