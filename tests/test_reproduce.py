@@ -42,6 +42,10 @@ def test_smoke_preset_matches_the_paper_methods():
     for name in ("cpu", "paper"):
         assert PRESETS[name].alphas == PRESETS[name].cs == (0.1, 0.5, 0.9)
     assert PRESETS["paper"].size == 512 and PRESETS["paper"].training.network.features == 64
+    # The paper reconstructs in LoDoPaB's fixed 26 cm domain; the CPU presets in the patient's own.
+    assert PRESETS["paper"].domain == "lodopab" and PRESETS["cpu"].domain == PRESETS["smoke"].domain == "physical"
+    physical = PRESETS["paper"].with_simulation(domain="physical", photons=1024.0)
+    assert (physical.domain, physical.photons, physical.angles) == ("physical", 1024.0, PRESETS["paper"].angles)
 
 
 def test_every_stage_ran_and_the_report_is_complete(run):
@@ -72,13 +76,13 @@ def test_dice_table_summarises_the_per_slice_metrics(run):
     out, _ = run
     with open(out / "report" / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    dice = {m: [float(r["dice"]) for r in rows if r["method"] == m] for m in ["lowdose", *TRAINED, "fulldose"]}
     table = (out / "report" / "table_dice.md").read_text()
     for method, label in (("lowdose", "Low-dose"), ("ta0.5", "Task-adaptive α=0.5"), ("fulldose", "Full-dose")):
-        values = np.asarray(dice[method])
+        values = np.asarray([float(r["dice_slice_eq7"]) for r in rows if r["method"] == method])
         assert values.size == len(SimulatedDataset(out / "dataset").slices("test"))
         assert np.all((values >= 0) & (values <= 1))
         assert f"| {label} | {values.mean():.4f} ± {values.std():.4f} |" in table, (label, table)
+    assert (out / "report" / "dice_volume.csv").is_file()
 
 
 def test_a_second_run_skips_every_finished_stage(run):
@@ -91,3 +95,17 @@ def test_a_second_run_skips_every_finished_stage(run):
     table = (out / "report" / "compute_cost.md").read_text()
     assert table.count("already done") == len(models) + len(TRAINED) + 4  # trainings, reconstructions, data/simulate/fbp/bm3d
     assert "compute cost:" in again.stdout
+
+
+def test_other_simulation_settings_for_a_finished_run_folder_are_refused(run):
+    """A finished data set would otherwise be reused silently under the new settings."""
+    out, _ = run
+    manifest = out / "dataset" / "dataset.json"
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    for option, value, shown in (("--domain", "lodopab", "domain physical (asked: lodopab)"),
+                                 ("--photons", "1000", "photons 300 (asked: 1000)")):
+        result = subprocess.run([str(TACT), "-q", "reproduce", "--preset", "smoke", "--out", str(out), option, value],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"tact: error: {manifest}: this run's data set was simulated with {shown}"), result.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before

@@ -8,6 +8,7 @@ uses training-split slices only; the test split is never looked at.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -151,7 +152,13 @@ def run_fbp(
 
     With ``frequency_scaling=None`` it is tuned on the training split; if that split is
     empty, LoDoPaB's 0.641 is used and the manifest says so.
+
+    Raises:
+        ValueError: a ``frequency_scaling`` outside (0, 1], before the data set is touched
+            (writing starts by dropping the manifest's ``fbp`` record).
     """
+    if frequency_scaling is not None and not 0.0 < frequency_scaling <= 1.0:
+        raise ValueError(f"frequency_scaling must be in (0, 1], got {frequency_scaling}")
     tuned_on, table = None, None
     if frequency_scaling is None:
         if dataset.slices("train"):
@@ -174,12 +181,17 @@ def run_bm3d(
     progress: bool = True,
     sweep_slices: int = 8,
 ) -> float:
-    """Write the BM3D baseline (denoised low-dose scans) for every case; returns sigma_psd used."""
+    """Write the BM3D baseline (denoised low-dose scans) for every case; returns sigma_psd used.
+
+    Raises:
+        ValueError: a ``sigma_psd`` that is not a positive finite number (unless ``sweep``
+            picks it), before the data set is touched.
+    """
     table = None
     if sweep:
         sigma_psd, table = sweep_bm3d_sigma(dataset, max_slices=sweep_slices, workers=workers, progress=progress)
-    if not sigma_psd > 0:
-        raise ValueError(f"sigma_psd must be positive, got {sigma_psd}")
+    elif not (math.isfinite(sigma_psd) and sigma_psd > 0):
+        raise ValueError(f"sigma_psd must be a positive finite number, got {sigma_psd}")
     _write_method(dataset, "bm3d", sigma_psd, workers, progress)
     dataset.methods["bm3d"] = {"sigma_psd": sigma_psd, "input": "lowdose", "sweep": table}
     dataset.save_manifest()

@@ -81,7 +81,8 @@ def read_model(path: str | Path) -> ModelFile:
     """Read and check a model file.
 
     Raises:
-        DataError: missing or unreadable file, or not a model file of this project.
+        DataError: missing or unreadable file, or not a model file of this project. The
+            message never passes on PyTorch's advice to load an unknown file unsafely.
     """
     path = Path(path)
     if not path.is_file():
@@ -89,7 +90,10 @@ def read_model(path: str | Path) -> ModelFile:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises pickle, zip and runtime errors for a bad file
-        raise DataError(path, f"not a readable model file ({type(exc).__name__}: {exc})") from exc
+        # Only the exception's type: torch's text for a file holding pickled objects
+        # advises loading it with weights_only=False, which would run arbitrary code.
+        raise DataError(path, f"not a TaskAdaptiveCT model file (PyTorch cannot read it as one: {type(exc).__name__}); "
+                              "give the best.pt or final.pt of a `tact train` run") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError(path, f"not a {FORMAT} file (a training run's best.pt or final.pt)")
     if payload.get("version") != VERSION:

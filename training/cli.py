@@ -1,28 +1,124 @@
 """The ``tact`` command line: data, simulation, baselines, training, evaluation and the whole experiment.
 
-Every sub-command validates its arguments before doing any work and reports bad input
-as ``tact: error: <file>: <problem>`` with exit status 2.
+Every sub-command validates its arguments (options, output folder, memory, input data)
+before doing any work, and reports bad input as one line,
+``tact: error: <file or option>: <problem>``, with exit status 2 and nothing written.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from training.errors import DataError
+from training.errors import DataError, OptionError
 from training.physics import DEFAULT_HANN_SCALING, PHOTONS_PER_BIN
 
 log = logging.getLogger("training")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error format and a ``-q`` accepted at every level.
+
+    Errors (a bad choice or type, a missing or unknown option) come out as the one line
+    ``tact: error: <option>: <problem>; see `<command> --help``` with exit status 2, not as
+    argparse's usage block. Sub-command parsers are of this class too (argparse creates them
+    with their parent's class); their ``-q`` defaults to unset so that a ``-q`` given before
+    the sub-command is not overridden by the sub-command's default.
+    """
+
+    def __init__(self, *args, quiet_default: object = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("-q", "--quiet", action="store_true", default=quiet_default,
+                          help="no progress bars, warnings only")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, _error_line(_option_first(message), f"see `{self.prog} --help`"))
+
+
+_REQUIRED = "the following arguments are required: "
+_UNRECOGNIZED = "unrecognized arguments: "
+_AMBIGUOUS = re.compile(r"^ambiguous option: (\S+) could match (.+)$")
+
+
+def _option_first(message: str) -> str:
+    """argparse's error text rewritten to name the option first: ``--size: invalid ...``."""
+    if message.startswith("argument "):
+        return message[len("argument "):]
+    if message.startswith(_REQUIRED):
+        return f"{message[len(_REQUIRED):]}: required, but not given"
+    if message.startswith(_UNRECOGNIZED):
+        return f"{message[len(_UNRECOGNIZED):]}: unrecognized argument(s)"
+    ambiguous = _AMBIGUOUS.match(message)
+    if ambiguous:
+        return f"{ambiguous[1]}: ambiguous option, could match {ambiguous[2]}"
+    return message
+
+
+def _error_line(message: str, hint: str = "") -> str:
+    """The one line a refusal prints: ``tact: error: <file or option>: <problem>[; hint]``."""
+    text = " ".join(str(message).split())  # one line, whatever the message held
+    return f"tact: error: {text}{'; ' + hint if hint else ''}\n"
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """Seeds and counts: numpy's seed sequences refuse negative seeds."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _float(text: str, problem: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{problem}, got {text}") from None
+
+
+def _positive_finite(text: str) -> float:
+    """Photon counts, noise levels: ``inf`` and ``nan`` parse as floats but would poison the data."""
+    problem = "must be a positive finite number"
+    value = _float(text, problem)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    """A Hann frequency scaling: in (0, 1]."""
+    problem = "must be in (0, 1]"
+    value = _float(text, problem)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """A test fraction: in [0, 1), since the training split must keep a patient."""
+    problem = "must be in [0, 1)"
+    value = _float(text, problem)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{problem}, got {text}")
     return value
 
 
@@ -34,18 +130,17 @@ def _methods(text: str) -> list[str]:
 
 
 def _add_simulation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--photons", type=float, default=PHOTONS_PER_BIN, help="N0, photons per detector bin (default: %(default)g, LoDoPaB)")
+    parser.add_argument("--photons", type=_positive_finite, default=PHOTONS_PER_BIN, help="N0, photons per detector bin (default: %(default)g, LoDoPaB)")
     parser.add_argument("--angles", type=_positive_int, default=1000, help="projection angles over [0, pi) (default: %(default)s)")
     parser.add_argument("--size", type=_positive_int, default=512, help="slice size in pixels (default: %(default)s)")
     parser.add_argument("--domain", choices=("physical", "lodopab"), default="physical",
                         help="reconstruction domain from the pixel spacing, or LoDoPaB's fixed 26 cm (default: %(default)s)")
     parser.add_argument("--workers", type=_positive_int, default=None, help="processes (default: every core)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise and the split (default: %(default)s)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the noise and the split (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tact", description="Task-adaptive low-dose CT reconstruction")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    parser = _Parser(prog="tact", description="Task-adaptive low-dose CT reconstruction", quiet_default=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("phantom", help="write a synthetic LiTS-like abdominal phantom")
@@ -53,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volumes", required=True, type=_positive_int, help="number of volumes")
     p.add_argument("--size", type=_positive_int, default=512, help="in-plane size in pixels (default: %(default)s)")
     p.add_argument("--slices", type=_positive_int, default=32, help="slices per volume (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: %(default)s)")
 
     p = commands.add_parser("sample-data", help="build the real 20-slice abdominal CT sample in LiTS layout")
     p.add_argument("--out", required=True, type=Path, help="output folder (LiTS layout)")
@@ -63,18 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lits", required=True, type=Path, help="folder of volume-K / segmentation-K NIfTI pairs")
     p.add_argument("--out", required=True, type=Path, help="data set folder (resumed if unfinished)")
     _add_simulation_options(p)
-    p.add_argument("--fbp-scaling", type=float, default=DEFAULT_HANN_SCALING, help="Hann frequency scaling of the FBP written with the data (default: %(default)s)")
+    p.add_argument("--fbp-scaling", type=_unit_interval, default=DEFAULT_HANN_SCALING, help="Hann frequency scaling of the FBP written with the data (default: %(default)s)")
     p.add_argument("--keep-empty", action="store_true", help="keep slices with an empty segmentation")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of patients in the test split (default: %(default)s)")
+    p.add_argument("--test-fraction", type=_fraction, default=0.2, help="fraction of patients in the test split (default: %(default)s)")
     p.add_argument("--impl", choices=("astra_cpu", "astra_cuda"), default=None, help="projector (default: astra_cuda if a GPU is present)")
 
     p = commands.add_parser("baseline", help="run a classical baseline on a simulated data set")
     baselines = p.add_subparsers(dest="baseline", required=True, metavar="METHOD")
     fbp = baselines.add_parser("fbp", help="Hann FBP, frequency scaling tuned on the training split")
-    fbp.add_argument("--frequency-scaling", type=float, default=None, help="use this scaling instead of tuning")
+    fbp.add_argument("--frequency-scaling", type=_unit_interval, default=None, help="use this scaling in (0, 1] instead of tuning")
     fbp.add_argument("--tune-slices", type=_positive_int, default=16, help="training slices to tune on (default: %(default)s)")
     bm3d = baselines.add_parser("bm3d", help="BM3D denoising of the low-dose scans")
-    bm3d.add_argument("--sigma-psd", type=float, default=0.075, help="noise std in normalised units (default: %(default)s, the paper's)")
+    bm3d.add_argument("--sigma-psd", type=_positive_finite, default=0.075, help="noise std in normalised units (default: %(default)s, the paper's)")
     bm3d.add_argument("--sweep", action="store_true", help="pick sigma_psd on a random subset of training slices, as the paper did")
     bm3d.add_argument("--sweep-slices", type=_positive_int, default=8, help="training slices for the sweep (default: %(default)s)")
     for sub in (fbp, bm3d):
@@ -83,10 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("evaluate", help="PSNR/SSIM per slice, Table I and figures")
     p.add_argument("--dataset", required=True, type=Path, help="data set folder from `tact simulate`")
-    p.add_argument("--methods", type=_methods, default=["lowdose", "fbp", "bm3d", "fulldose"], help="comma-separated (default: lowdose,fbp,bm3d,fulldose)")
+    p.add_argument("--methods", type=_methods, default=None,
+                   help="comma-separated (default: every method the data set has: lowdose, fbp, bm3d, trained "
+                        "reconstructors, fulldose)")
     p.add_argument("--out", required=True, type=Path, help="report folder")
     p.add_argument("--split", choices=("test", "train", "all"), default="test", help="slices to evaluate (default: %(default)s)")
-    p.add_argument("--figures", type=int, default=2, help="number of example slices to draw (default: %(default)s)")
+    p.add_argument("--figures", type=_non_negative_int, default=2, help="number of example slices to draw (default: %(default)s)")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: every core)")
     p.add_argument("--segmenter", type=Path, default=None,
                    help="best.pt of `tact train segmentation`: adds Dice columns, table_dice.md (Table II) and Fig. 4")
@@ -124,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="run folder; finished stages are skipped when re-run")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes for simulation, baselines, evaluation (default: every core)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="training device (default: cuda where available)")
+    p.add_argument("--domain", choices=("physical", "lodopab"), default=None,
+                   help="reconstruction domain (default: the preset's: physical for smoke and cpu, lodopab for paper)")
+    p.add_argument("--photons", type=_positive_finite, default=None, help="N0, photons per detector bin (default: the preset's)")
+    p.add_argument("--angles", type=_positive_int, default=None, help="projection angles over [0, pi) (default: the preset's)")
 
     p = commands.add_parser("demo", help="the main job: real sample -> low dose -> FBP, BM3D -> report")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: %(default)s)")
@@ -138,31 +239,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train" and all("=" in token and not token.startswith("-") for token in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.exit(2, _error_line(_option_first(_UNRECOGNIZED + " ".join(extra)), f"see `{_command_line(args)} --help`"))
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ignite").setLevel(logging.WARNING)  # its per-epoch lines repeat ours
     progress = not args.quiet
     try:
         return _COMMANDS[args.command](args, progress)
     except (DataError, ValueError, FileNotFoundError) as exc:
-        parser.exit(2, f"tact: error: {exc}\n")
+        parser.exit(2, _error_line(exc))
     except FloatingPointError as exc:
         parser.exit(1, f"tact: training failed: {exc}\n")
     except KeyboardInterrupt:
         parser.exit(130, "tact: interrupted; re-run the same command to resume\n")
 
 
-def _phantom(args: argparse.Namespace, progress: bool) -> int:
-    from training.phantom import write_phantom_dataset
+def _command_line(args: argparse.Namespace) -> str:
+    """``tact simulate``, ``tact baseline fbp``, ``tact train joint``: the sub-command given."""
+    words = ["tact", args.command, getattr(args, "baseline", None) or getattr(args, "task", None)]
+    return " ".join(w for w in words if w)
 
+
+def _check_memory(option: str, estimate, advice: str) -> None:
+    """Refuse a run whose memory estimate (:mod:`training.resources`) exceeds this machine's memory."""
+    from training.resources import GIB, physical_memory
+
+    available = physical_memory()
+    if estimate.total > available:
+        raise OptionError(option, f"needs about {estimate.total / GIB:,.1f} GiB of memory ({estimate.detail}), but this "
+                                  f"machine has {available / GIB:,.1f} GiB; {advice}")
+
+
+def _phantom(args: argparse.Namespace, progress: bool) -> int:
+    from training.fileio import check_output_folder
+    from training.phantom import write_phantom_dataset
+    from training.resources import phantom_memory
+
+    check_output_folder(args.out)
+    _check_memory("--size", phantom_memory(args.size, args.slices),
+                  "choose a smaller --size or fewer --slices (volumes are made one at a time)")
     pairs = write_phantom_dataset(args.out, args.volumes, size=args.size, slices=args.slices, seed=args.seed, progress=progress)
     print(f"wrote {len(pairs)} phantom volume(s) to {args.out}")
     return 0
 
 
 def _sample_data(args: argparse.Namespace, progress: bool) -> int:
+    from training.fileio import check_output_folder
     from training.sample_data import build_sample_data
 
+    check_output_folder(args.out)
     pairs = build_sample_data(args.out, cache_dir=args.cache)
     print(f"wrote the real sample ({len(pairs)} case) to {args.out}")
     return 0
@@ -174,10 +298,25 @@ def _settings(args: argparse.Namespace, **extra):
     return SimulationSettings(photons=args.photons, num_angles=args.angles, size=args.size, domain=args.domain, seed=args.seed, **extra)
 
 
+def _check_simulation_memory(args: argparse.Namespace, lits: Path, workers: int | None) -> None:
+    """Refuse ``--size`` / ``--angles`` that the simulation of the largest input volume cannot hold in memory."""
+    from training.loaders import find_lits_cases
+    from training.parallel import default_workers
+    from training.resources import largest_volume_shape, simulation_memory
+
+    source = largest_volume_shape([volume for _, volume, _ in find_lits_cases(lits)])
+    estimate = simulation_memory(args.size, args.angles, workers or default_workers(), source)
+    _check_memory("--size", estimate, "choose a smaller --size, fewer --angles or fewer --workers")
+
+
 def _simulate(args: argparse.Namespace, progress: bool) -> int:
+    from training.fileio import check_output_folder
     from training.simulate import simulate_dataset
 
     settings = _settings(args, fbp_scaling=args.fbp_scaling, keep_empty=args.keep_empty, test_fraction=args.test_fraction)
+    check_output_folder(args.out)
+    _check_simulation_memory(args, args.lits, args.workers)
+    # simulate_dataset checks every input case before it writes anything.
     dataset = simulate_dataset(args.lits, args.out, settings, workers=args.workers, impl=args.impl, progress=progress)
     split = dataset.manifest["split"]
     print(f"{args.out}: {len(dataset.slices('train'))} training slices ({len(split['train'])} patients), "
@@ -202,8 +341,13 @@ def _baseline(args: argparse.Namespace, progress: bool) -> int:
 def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     from training.dataset import SimulatedDataset
     from training.evaluate import evaluate_dataset
+    from training.fileio import check_output_folder
 
-    evaluate_dataset(SimulatedDataset(args.dataset), args.methods, args.out, split=args.split, figures=args.figures,
+    check_output_folder(args.out)
+    dataset = SimulatedDataset(args.dataset)
+    # Without --methods: what the data set has (the README's walkthrough runs no BM3D).
+    methods = args.methods if args.methods is not None else dataset.available_methods()
+    evaluate_dataset(dataset, methods, args.out, split=args.split, figures=args.figures,
                      workers=args.workers, progress=progress, segmenter=args.segmenter, device=args.device)
     print((args.out / "table_reconstruction.md").read_text())
     if args.segmenter is not None:
@@ -225,7 +369,9 @@ def _reconstruct(args: argparse.Namespace, progress: bool) -> int:
 def _train(args: argparse.Namespace, progress: bool) -> int:
     from training.config import load_config
     from training.engine import train
+    from training.fileio import check_output_folder
 
+    check_output_folder(args.out)
     overrides = [f"task={args.task}", *args.overrides]
     weight = getattr(args, "alpha", None) if args.task == "reconstruction" else getattr(args, "c", None)
     if weight is not None:
@@ -235,15 +381,19 @@ def _train(args: argparse.Namespace, progress: bool) -> int:
     config = load_config(args.config, overrides)
     summary = train(config, args.dataset, args.out, device=args.device, progress=progress)
     print(f"{args.out}: {summary.epochs} epoch(s){' (early stop)' if summary.stopped_early else ''}, best epoch "
-          f"{summary.best_epoch} (score {summary.best_score:.4f}), {summary.seconds:.0f} s on {summary.world_size} "
+          f"{summary.best_epoch} ({summary.selection['metric']} {summary.selection['best_value']:.4g}), {summary.seconds:.0f} s on {summary.world_size} "
           f"process(es); model: {args.out / 'best.pt'}")
     return 0
 
 
 def _reproduce(args: argparse.Namespace, progress: bool) -> int:
+    from training.fileio import check_output_folder
+    from training.presets import PRESETS
     from training.reproduce import Reproduction, format_seconds
 
-    costs = Reproduction(args.preset, args.out, lits=args.lits, workers=args.workers, device=args.device, progress=progress).run()
+    check_output_folder(args.out)
+    preset = PRESETS[args.preset].with_simulation(domain=args.domain, photons=args.photons, angles=args.angles)
+    costs = Reproduction(preset, args.out, lits=args.lits, workers=args.workers, device=args.device, progress=progress).run()
     report = args.out / "report"
     for table in ("table_reconstruction.md", "table_dice.md"):
         print((report / table).read_text())
@@ -258,17 +408,24 @@ def _demo(args: argparse.Namespace, progress: bool) -> int:
     """Real sample -> simulate -> FBP -> BM3D -> report; each stage skipped when already done."""
     from training.baselines import run_bm3d, run_fbp
     from training.evaluate import evaluate_dataset
+    from training.fileio import check_output_folder
     from training.loaders import find_lits_cases
+    from training.parallel import default_workers
+    from training.resources import SAMPLE_SHAPE, demo_memory
     from training.sample_data import build_sample_data
     from training.simulate import simulate_dataset
 
     start = time.perf_counter()
     lits, data, report = args.out / "lits", args.out / "dataset", args.out / "report"
+    settings = _settings(args)
+    check_output_folder(args.out)
+    _check_memory("--size", demo_memory(args.size, args.angles, args.workers or default_workers(), SAMPLE_SHAPE),
+                  "choose a smaller --size, fewer --angles or fewer --workers")
     try:
         find_lits_cases(lits)
     except DataError:
         build_sample_data(lits)
-    dataset = simulate_dataset(lits, data, _settings(args), workers=args.workers, progress=progress)
+    dataset = simulate_dataset(lits, data, settings, workers=args.workers, progress=progress)
     # `simulate` wrote the FBP with LoDoPaB's scaling; retune it where there is training data.
     if dataset.slices("train") and not dataset.methods.get("fbp", {}).get("tuned_on"):
         run_fbp(dataset, workers=args.workers, progress=progress)

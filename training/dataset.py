@@ -40,6 +40,7 @@ LOWDOSE = "lowdose"
 FULLDOSE = "fulldose"
 SEGMENTATION = "final"
 SPLITS = ("train", "test", "all")
+BASELINES = ("fbp", "bm3d")
 
 
 def volume_path(root: str | Path, method: str, case_id: str) -> Path:
@@ -94,11 +95,27 @@ class SimulatedDataset:
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != FORMAT_VERSION:
             raise DataError(manifest_path, f"not a {FORMAT} v{FORMAT_VERSION} manifest")
         self._images: dict[Path, tuple[tuple[int, int], nib.Nifti1Image]] = {}
-        incomplete = [c for c, rec in self.cases.items() if not rec.get("complete")]
-        if incomplete:
-            raise DataError(self.root, f"simulation is incomplete for cases {incomplete}; re-run `tact simulate` to finish it")
-        if not self.cases:
+        self._check_finished(manifest_path)
+
+    def _check_finished(self, manifest_path: Path) -> None:
+        """Refuse a data set whose simulation stopped before every case of its split was written.
+
+        ``tact simulate`` records each case in ``cases`` (``complete: true``) only when all
+        its volumes are written, so a case of the split that is absent or not complete
+        means an interrupted run: training would meet a missing case (KeyError) and an
+        evaluation of ``all`` would silently leave it out.
+        """
+        split = self.manifest.get("split")
+        if not isinstance(self.manifest.get("cases"), dict) or not isinstance(split, dict):
+            raise DataError(manifest_path, "not a data set manifest (no 'cases' or 'split' record)")
+        planned = list(dict.fromkeys([*split.get("train", []), *split.get("test", []), *self.cases]))
+        done = [c for c in planned if self.cases.get(c, {}).get("complete")]
+        if not planned:
             raise DataError(self.root, "the data set holds no cases")
+        if len(done) < len(planned):
+            raise DataError(self.root, f"unfinished data set (simulation incomplete): {len(done)} of {len(planned)} "
+                                       f"cases done, {[c for c in planned if c not in done]} missing; finish it by "
+                                       "re-running the same `tact simulate` command (same --lits, --out and settings)")
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -135,6 +152,18 @@ class SimulatedDataset:
         """Whether every case has a volume of ``method``, and (for a baseline) its run finished."""
         finished = method in (LOWDOSE, FULLDOSE, SEGMENTATION) or method in self.methods
         return finished and all(volume_path(self.root, method, c).is_file() for c in self.cases)
+
+    def available_methods(self) -> list[str]:
+        """The methods this data set can be evaluated on, in table order.
+
+        ``lowdose``, then the baselines ``fbp`` and ``bm3d`` where they were run, then the
+        trained reconstructors that ``tact reconstruct`` recorded (manifest order), then
+        ``fulldose``; a method whose run did not finish (see :meth:`has_method`) is left out.
+        """
+        baselines = [m for m in BASELINES if self.has_method(m)]
+        trained = [m for m in self.methods if m not in BASELINES and m not in (LOWDOSE, FULLDOSE, SEGMENTATION)
+                   and self.has_method(m)]
+        return [LOWDOSE, *baselines, *trained, FULLDOSE]
 
     def volume(self, method: str, case_id: str) -> nib.Nifti1Image:
         """The NIfTI image of ``method`` for ``case_id`` (data memory-mapped, not loaded)."""

@@ -17,3 +17,17 @@ class DataError(ValueError):
         self.path = None if path is None else Path(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+
+
+class OptionError(ValueError):
+    """A command-line option whose value cannot be used, with what is wrong.
+
+    Args:
+        option: the option as typed, e.g. ``--size``.
+        problem: a sentence saying what is wrong and, where possible, how to fix it.
+    """
+
+    def __init__(self, option: str, problem: str) -> None:
+        self.option = option
+        self.problem = problem
+        super().__init__(f"{option}: {problem}")

@@ -1,7 +1,8 @@
 """Atomic file writing: a file either exists whole or not at all.
 
 Every writer in the package goes through :func:`atomic_path`, so an interrupted run never
-leaves a half-written file behind under its final name.
+leaves a half-written file behind under its final name. :func:`check_output_folder` lets a
+command refuse an output folder it could not write before it starts any work.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from training.errors import DataError
 
 
 @contextlib.contextmanager
@@ -37,6 +40,39 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_output_folder(path: str | Path) -> Path:
+    """Refuse an output folder that cannot be written, before any work is done; returns ``path``.
+
+    The folder may exist (what it holds is kept) or not (it is created later, with any
+    missing parents). Refused: a path that is a file, a path below a file, and a folder in
+    which no file can be created (read-only or virtual file system, no permission). The
+    last is found by creating a temporary file in the folder, or in its nearest existing
+    ancestor, and deleting it: permission bits say nothing when running as root. The probe
+    is an unnamed file where the file system allows it (``O_TMPFILE``), so nothing is
+    left behind and, mostly, the folder's modification time stays as it was.
+
+    Raises:
+        DataError: naming ``path``.
+    """
+    path = Path(path)
+    ancestor = path
+    while not ancestor.exists():
+        if ancestor.is_symlink():
+            raise DataError(path, f"cannot be created: {ancestor} is a broken symbolic link")
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        if ancestor == path:
+            raise DataError(path, "is a file, not a folder")
+        raise DataError(path, f"cannot be created: {ancestor} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        where = "" if ancestor == path else f" (no file can be created in {ancestor}, its nearest existing folder)"
+        raise DataError(path, f"cannot be written: {exc.strerror or type(exc).__name__}{where}") from None
+    return path
 
 
 def _umask() -> int:

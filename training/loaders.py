@@ -44,6 +44,10 @@ HU_MAX = 32767.0
 AIR_THRESHOLD_HU = -500.0
 """Every CT has air (about -1000 HU) around or inside the body; a volume with no voxel
 below this value is not in HU (typically it was normalised to [0, 1] or [0, 255])."""
+TISSUE_THRESHOLD_HU = -500.0
+"""Fat (about -100 HU), soft tissue and bone lie far above this value, air and lung below: a
+volume with no voxel above it holds no body, and labels whose median voxel lies below it
+lie on air, not on an organ."""
 SPACING_TOLERANCE_MM = 1e-3
 """Largest difference in voxel size or origin (mm) for two grids to count as the same."""
 DIRECTION_TOLERANCE = 1e-4
@@ -74,10 +78,12 @@ def find_lits_cases(directory: str | Path) -> list[tuple[str, Path, Path]]:
         numerically; ``case_id`` is ``"K"``.
 
     Raises:
-        DataError: the folder does not exist, holds no LiTS volume, a case exists both
+        DataError: the folder does not exist or is a file, holds no LiTS volume, a case exists both
             compressed and uncompressed, or a volume lacks its segmentation.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise DataError(directory, "is a file, not a folder (expected a folder of LiTS files volume-K.nii[.gz]).")
     if not directory.is_dir():
         raise DataError(directory, "folder does not exist (expected LiTS files volume-K.nii[.gz]).")
     volumes: dict[int, Path] = {}
@@ -155,8 +161,9 @@ def load_lits_case(volume_path: str | Path, segmentation_path: str | Path, case_
         a :class:`CTVolume` with ``hu`` float32 and ``segmentation`` uint8, both ``(X, Y, Z)``.
 
     Raises:
-        DataError: see :func:`load_image`, plus values that are not HU, labels outside
-            {0, 1, 2}, or a segmentation on another grid than the volume.
+        DataError: see :func:`load_image`, plus values that are not HU, a volume with no
+            tissue (not a CT of a body), labels outside {0, 1, 2}, labels that lie on air,
+            or a segmentation on another grid than the volume.
     """
     hu, affine = load_image(volume_path)
     volume = CTVolume(case_id, _checked_hu(Path(volume_path), hu), None, affine, [str(volume_path)])
@@ -354,6 +361,12 @@ def _checked_hu(path: Path, hu: np.ndarray) -> np.ndarray:
             "volume looks normalised (or stored without its rescale intercept); Hounsfield units are "
             "expected (air is about -1000 HU).",
         )
+    if high <= TISSUE_THRESHOLD_HU:
+        raise DataError(
+            path,
+            f"not a CT of a body: no tissue (every voxel is at most {high:g} HU, nothing above "
+            f"{TISSUE_THRESHOLD_HU:g}); the volume holds only air or padding.",
+        )
     return hu
 
 
@@ -375,7 +388,29 @@ def _load_segmentation(path: Path, volume: CTVolume) -> np.ndarray:
         wrong = np.unique(labels[(labels < 0) | (labels > max(LABEL_NAMES))])
         shown = ", ".join(f"{value:g}" for value in wrong[:20]) + (", ..." if wrong.size > 20 else "")
         raise DataError(path, f"segmentation has labels outside {{0, 1, 2}}: {shown}; expected {_label_list()}.")
-    return labels.astype(np.uint8)
+    labels = labels.astype(np.uint8)
+    _check_labels_on_tissue(path, labels, volume)
+    return labels
+
+
+def _check_labels_on_tissue(path: Path, labels: np.ndarray, volume: CTVolume) -> None:
+    """Refuse labels that lie on air: a segmentation of another scan, or flipped against this one.
+
+    Liver and tumour are soft tissue; when the median HU under the labelled voxels is below
+    :data:`TISSUE_THRESHOLD_HU`, most of them lie outside the body.
+    """
+    labelled = labels > 0
+    if not labelled.any():
+        return
+    median = float(np.median(volume.hu[labelled]))
+    if median < TISSUE_THRESHOLD_HU:
+        reference = volume.sources[0] if volume.sources else "the volume"
+        raise DataError(
+            path,
+            f"the labels lie on air: the median under its {int(labelled.sum())} labelled voxels is {median:g} HU "
+            f"in {reference} (liver and tumour are above {TISSUE_THRESHOLD_HU:g} HU); is it the segmentation of "
+            "this volume, in the same orientation?",
+        )
 
 
 def _report_anisotropy(volume: CTVolume) -> None:

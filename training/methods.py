@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 
-from training.dataset import FULLDOSE, LOWDOSE, SEGMENTATION
+from training.dataset import BASELINES, FULLDOSE, LOWDOSE, SEGMENTATION
 
 
 def method_name(task: str, weight: float) -> str:
@@ -24,7 +24,6 @@ def method_name(task: str, weight: float) -> str:
     raise ValueError(f"a {task!r} model does not reconstruct")
 
 
-BASELINES = ("fbp", "bm3d")
 RESERVED_METHODS = (LOWDOSE, FULLDOSE, SEGMENTATION, *BASELINES)
 """Names a trained reconstructor may not be written under: the data set's own volumes."""
 _FIXED_LABELS = {LOWDOSE: "Low-dose", "fbp": "FBP", "bm3d": "BM3D", FULLDOSE: "Full-dose"}

@@ -57,7 +57,8 @@ class Reproduction:
     """One reproduction of the experiment in a run folder.
 
     Args:
-        preset: a :class:`~training.presets.Preset` or its name.
+        preset: a :class:`~training.presets.Preset` or its name (with
+            :meth:`~training.presets.Preset.with_simulation` for other simulation settings).
         out: the run folder.
         lits: a LiTS-format folder; default: synthetic phantoms (plus the real sample where
             the preset includes it).
@@ -134,8 +135,9 @@ class Reproduction:
         self.out.mkdir(parents=True, exist_ok=True)
         sample_case = str(preset.phantom_volumes) if self.lits is None and preset.include_sample else None
         self._stage("data", self.lits is not None or (self.out / "lits" / ".complete").is_file(), lambda: self._write_phantoms(sample_case))
-        settings = SimulationSettings(photons=preset.photons, num_angles=preset.angles, size=preset.size,
+        settings = SimulationSettings(photons=preset.photons, num_angles=preset.angles, size=preset.size, domain=preset.domain,
                                       test_fraction=preset.test_fraction, test_cases=(sample_case,) if sample_case else ())
+        self._check_existing_dataset(settings)
         self._stage("simulate", _complete(self.dataset_dir), lambda: simulate_dataset(self.lits_dir, self.dataset_dir, settings,
                                                                       workers=self.workers, progress=self.progress))
         dataset = SimulatedDataset(self.dataset_dir)
@@ -158,6 +160,20 @@ class Reproduction:
         self._stage("evaluate", False, lambda: self._evaluate(dataset, list(reconstructions), segmenter))
         self._write_cost_report()
         return self.costs
+
+    def _check_existing_dataset(self, settings) -> None:
+        """Refuse a run folder whose data set was simulated with other settings (a finished one would be reused)."""
+        manifest = self.dataset_dir / "dataset.json"
+        if not manifest.is_file():
+            return
+        recorded = json.loads(manifest.read_text()).get("simulation", {})
+        wanted = {"photons": settings.photons, "num_angles": settings.num_angles, "size": settings.size,
+                  "domain": settings.domain}
+        differ = {key: (recorded.get(key), value) for key, value in wanted.items() if recorded.get(key) != value}
+        if differ:
+            shown = ", ".join(f"{key} {_shown(old)} (asked: {_shown(new)})" for key, (old, new) in differ.items())
+            raise DataError(manifest, f"this run's data set was simulated with {shown}; use a new --out for other "
+                                      "simulation settings")
 
     def _write_phantoms(self, sample_case: str | None) -> None:
         from training.phantom import write_phantom_dataset
@@ -232,3 +248,8 @@ def format_seconds(seconds: float) -> str:
     if seconds >= 60:
         return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
     return f"{seconds:.1f} s"
+
+
+def _shown(value: object) -> str:
+    """A setting as a user typed it: ``300`` for 300.0, strings as they are."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
