@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("reproduce", help="the paper's whole experiment: data -> simulation -> baselines -> all trainings -> report")
     p.add_argument("--preset", choices=("smoke", "cpu", "paper"), default="cpu",
-                   help="smoke: CI-sized; cpu: 128 px, narrow U-Nets, about an hour on 2 cores; paper: the paper's settings, for GPUs (default: %(default)s)")
+                   help="smoke: CI-sized; cpu: 128 px, narrow U-Nets, about 30 min on 2 cores; paper: the paper's settings, for GPUs (default: %(default)s)")
     p.add_argument("--lits", type=Path, default=None, help="LiTS-format folder (default: synthetic phantoms plus the real sample)")
     p.add_argument("--out", required=True, type=Path, help="run folder; finished stages are skipped when re-run")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes for simulation, baselines, evaluation (default: every core)")

@@ -3,7 +3,7 @@
 * ``smoke``: tiny everything, so that CI runs the full pipeline in a few minutes; its
   numbers mean nothing.
 * ``cpu``: 128² slices and narrow U-Nets on synthetic phantom patients plus the real
-  sample (always a test patient), sized to finish on 2 cores in about an hour. At 128 px
+  sample (always a test patient), sized to finish on 2 cores in about half an hour. At 128 px
   (3 mm pixels) N0 = 4096 leaves little noise (low-dose 30.3 dB on phantoms, better than
   the Hann FBP); N0 = 1024 gives low-dose 24.9 dB and FBP 27.8 dB, the paper's Table I
   regime (24.86 / 28.06), so the preset uses it.
