@@ -273,6 +273,22 @@ def test_reconstruct_dataset_refuses_bad_models_and_names(data, reconstructor, s
     assert not (data / "lowdose" / "labels" / "baseunet").exists()
 
 
+def test_model_files_of_version_1_still_load_and_unknown_versions_are_refused(reconstructor, tmp_path):
+    path, f = reconstructor
+    payload = torch.load(path, weights_only=True)
+    assert payload["version"] == 2 and "imaging" in payload
+    old = {k: v for k, v in payload.items() if k != "imaging"} | {"version": 1}
+    torch.save(old, tmp_path / "v1.pt")
+    model = read_model(tmp_path / "v1.pt")
+    assert model.version == 1 and model.imaging is None
+    g_or_f, _ = inference.load_reconstructor(tmp_path / "v1.pt")
+    for key, value in f.state_dict().items():
+        assert torch.equal(g_or_f.state_dict()[key], value)
+    torch.save(payload | {"version": 3}, tmp_path / "v3.pt")
+    with pytest.raises(DataError, match="version 3 is not supported .*reads versions 1, 2"):
+        read_model(tmp_path / "v3.pt")
+
+
 # --------------------------------------------------------------------------- Dice report
 
 

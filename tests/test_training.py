@@ -105,6 +105,18 @@ def test_run_folder_contents_and_model_files(data, segmenter, tmp_path):
     # The validation patients the engine recorded are training-split patients, never test ones.
     dataset = SimulatedDataset(data)
     split = json.loads((run / "summary.json").read_text())["split"]
+    # The model file records the imaging settings of exactly the patients it saw.
+    imaging = model.imaging
+    assert model.version == 2
+    assert (imaging["slice_size"], imaging["photons"], imaging["angles"], imaging["domain"], imaging["input"]) == (
+        64, 300.0, 64, "physical", "lowdose")
+    spacings = [dataset.cases[c]["pixel_spacing_mm"][0] for c in split["fit"] + split["validation"]]
+    assert imaging["pixel_spacing_mm"]["min"] == pytest.approx(min(spacings))
+    assert imaging["pixel_spacing_mm"]["max"] == pytest.approx(max(spacings))
+    assert imaging["field_of_view_mm"]["max"] == pytest.approx(64 * max(spacings))
+    assert sorted(imaging["data"]["cases"]) == sorted(split["fit"] + split["validation"])
+    low, median, high = imaging["input_hu_percentiles"]
+    assert -3100 < low < median < high < 3100
     assert split["validation"] and split["fit"]
     assert sorted(split["fit"] + split["validation"]) == sorted(dataset.case_ids("train"))
     assert not set(split["validation"]) & set(dataset.case_ids("test"))

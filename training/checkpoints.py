@@ -3,7 +3,8 @@
 A model file (``best.pt`` / ``final.pt`` of a run) is a plain ``torch.save`` dictionary
 that loads with ``weights_only=True``::
 
-    format, version       "taskadaptivect-model", 1
+    format, version       "taskadaptivect-model", 2 (version 1 files, without
+                          ``imaging``, still load)
     task                  "segmentation" | "reconstruction" | "joint"
     weight                alpha (reconstruction) or C (joint); 0 for segmentation
     network               the U-Net's width/depth (``UNetConfig`` as a dict)
@@ -11,6 +12,8 @@ that loads with ``weights_only=True``::
                           {"reconstructor": ...} for reconstruction,
                           {"reconstructor": ..., "segmenter": ...} for joint
     epoch, metrics        when it was saved and its validation metrics
+    imaging               the imaging settings of its training data and where the data
+                          came from (``training.provenance.imaging_settings``), or None
 
 :func:`load_segmenter` and :func:`load_reconstructor` rebuild the networks and refuse, with
 a message naming the file, a checkpoint of the wrong kind or one whose weights do not fit
@@ -32,7 +35,8 @@ from training.fileio import atomic_path
 from training.networks import UNetConfig, build_reconstruction_net, build_segmentation_net
 
 FORMAT = "taskadaptivect-model"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SEGMENTER = "segmenter"
 RECONSTRUCTOR = "reconstructor"
 _NETWORKS_OF_TASK = {"segmentation": (SEGMENTER,), "reconstruction": (RECONSTRUCTOR,), "joint": (RECONSTRUCTOR, SEGMENTER)}
@@ -49,6 +53,8 @@ class ModelFile:
     state: dict[str, dict[str, torch.Tensor]]
     epoch: int
     metrics: dict[str, float]
+    imaging: dict[str, Any] | None = None
+    version: int = VERSION
 
 
 def save_model(
@@ -59,8 +65,13 @@ def save_model(
     networks: dict[str, nn.Module],
     epoch: int,
     metrics: dict[str, float],
+    imaging: dict[str, Any] | None = None,
 ) -> None:
-    """Write a model file atomically. ``networks`` maps ``segmenter``/``reconstructor`` to modules."""
+    """Write a model file atomically. ``networks`` maps ``segmenter``/``reconstructor`` to modules.
+
+    ``imaging`` is what :func:`training.provenance.imaging_settings` returns for the
+    training data (JSON-like values only, so the file still loads with ``weights_only``).
+    """
     if task not in _NETWORKS_OF_TASK or set(networks) != set(_NETWORKS_OF_TASK[task]):
         raise ValueError(f"a {task!r} model holds networks {_NETWORKS_OF_TASK.get(task)}, got {sorted(networks)}")
     payload = {
@@ -72,6 +83,7 @@ def save_model(
         "state": {name: {k: v.detach().cpu() for k, v in module.state_dict().items()} for name, module in networks.items()},
         "epoch": int(epoch),
         "metrics": {k: float(v) for k, v in metrics.items()},
+        "imaging": imaging,
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -96,13 +108,15 @@ def read_model(path: str | Path) -> ModelFile:
                               "give the best.pt or final.pt of a `tact train` run") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError(path, f"not a {FORMAT} file (a training run's best.pt or final.pt)")
-    if payload.get("version") != VERSION:
-        raise DataError(path, f"model file version {payload.get('version')} is not supported (expected {VERSION})")
+    if payload.get("version") not in READABLE_VERSIONS:
+        raise DataError(path, f"model file version {payload.get('version')} is not supported (this version of "
+                              f"TaskAdaptiveCT reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     try:
         network = UNetConfig(**payload["network"])
     except (TypeError, ValueError) as exc:
         raise DataError(path, f"invalid network description {payload['network']!r}: {exc}") from exc
-    return ModelFile(path, payload["task"], payload["weight"], network, payload["state"], payload["epoch"], payload["metrics"])
+    return ModelFile(path, payload["task"], payload["weight"], network, payload["state"], payload["epoch"], payload["metrics"],
+                     payload.get("imaging"), payload["version"])
 
 
 def _describe(config: UNetConfig) -> str:
@@ -166,4 +180,5 @@ def load_reconstructor(path: str | Path) -> tuple[nn.Module, ModelFile]:
 def describe_model(model: ModelFile) -> dict[str, Any]:
     """What a data set's manifest records about a reconstructor it ran (provenance)."""
     return {"checkpoint": str(model.path.resolve()), "task": model.task, "weight": model.weight,
-            "network": dataclasses.asdict(model.network), "epoch": model.epoch, "metrics": model.metrics}
+            "network": dataclasses.asdict(model.network), "epoch": model.epoch, "metrics": model.metrics,
+            "imaging": model.imaging}

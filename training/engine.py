@@ -40,7 +40,6 @@ processes match a single process exactly only with ``network.norm=instance``.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -73,6 +72,7 @@ from training.losses import dice_loss, joint_loss, task_adaptive_loss
 from training.metrics import DICE_LABELS, dice_counts, dice_scores
 from training.networks import build_reconstruction_net, build_segmentation_net
 from training.physics import disc_mask
+from training.provenance import dataset_fingerprint, file_sha256, imaging_settings
 from training.slices import SliceDataset
 
 log = logging.getLogger(__name__)
@@ -503,8 +503,8 @@ class EpochPolicy:
 
     def __init__(self, run: Path, task: TrainingTask, selection: Selection, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau, step: TrainingStep,
-                 evaluator: Engine | None, distributed: Distributed, writer: Any) -> None:
-        self.run, self.task, self.selection = run, task, selection
+                 evaluator: Engine | None, distributed: Distributed, writer: Any, imaging: dict[str, Any]) -> None:
+        self.run, self.task, self.selection, self.imaging = run, task, selection, imaging
         self.optimizer, self.scheduler, self.step = optimizer, scheduler, step
         self.evaluator, self.distributed, self.writer = evaluator, distributed, writer
         self.best_value = selection.worst
@@ -556,7 +556,7 @@ class EpochPolicy:
             metrics = {k: v for k, v in row.items() if k != "epoch"}
             if improved:
                 save_model(self.run / "best.pt", self.task.config.task, self.task.config.weight, self.task.config.network,
-                           self.task.trained_modules(), epoch, metrics)
+                           self.task.trained_modules(), epoch, metrics, imaging=self.imaging)
             self._save_resume_state(trainer)
             _write_history(self.run / "history.csv", self.history)
             if self.writer is not None:
@@ -640,26 +640,6 @@ def read_summary(run: str | Path) -> TrainingSummary | None:
         return None
     saved = json.loads(path.read_text())
     return TrainingSummary(**{f.name: saved[f.name] for f in fields(TrainingSummary) if f.name in saved})
-
-
-def dataset_fingerprint(dataset: SimulatedDataset) -> str:
-    """sha256 of what a training depends on in the manifest: format, simulation settings, split and cases.
-
-    Baseline and reconstruction records (``methods``) are left out: running a baseline or
-    ``tact reconstruct`` does not change the training data.
-    """
-    manifest = dataset.manifest
-    relevant = {key: manifest.get(key) for key in ("format", "version", "simulation", "split", "cases")}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_inputs(config: TrainingConfig, dataset: SimulatedDataset) -> dict[str, Any]:
@@ -771,7 +751,8 @@ def train(
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(log_dir=str(run / "tensorboard"))
-    policy = EpochPolicy(run, task, selection, optimizer, scheduler, step, evaluator, distributed, writer)
+    imaging = imaging_settings(dataset, split["fit"] + split["validation"], task.input_method)
+    policy = EpochPolicy(run, task, selection, optimizer, scheduler, step, evaluator, distributed, writer, imaging)
     policy.attach(trainer)
     if progress and distributed.is_main:
         from ignite.handlers import ProgressBar

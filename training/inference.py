@@ -6,14 +6,18 @@
 * :func:`reconstruct_dataset` (``tact reconstruct``) applies a trained f to every low-dose
   slice of a data set and writes its volumes beside the baselines'
   (``lowdose/labels/<method>/<case>.nii``, HU, float32), so that ``tact evaluate`` can
-  compare it with them;
-  (method names: :mod:`training.methods`).
+  compare it with them (method names: :mod:`training.methods`);
+* :func:`reconstruct_volume`, :func:`segment_volume` and :func:`reconstruct_and_segment`
+  apply f, g or both to a whole CT volume of any orientation and spacing, on the model's
+  pixel grid (:class:`training.grid.ModelGrid`), and answer on the volume's own voxels
+  (what the MONAI Label app serves).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +27,13 @@ from monai.networks.utils import eval_mode
 from torch import nn
 from tqdm.auto import tqdm
 
-from training.checkpoints import check_input_size, describe_model, load_reconstructor
+from training.checkpoints import ModelFile, check_input_size, describe_model, load_reconstructor
 from training.dataset import LOWDOSE, SimulatedDataset, volume_path
 from training.fileio import save_nifti
+from training.grid import ModelGrid
 from training.methods import check_trained_method_name, method_name
 from training.physics import normalized_to_hu
+from training.provenance import hu_percentiles, input_warnings
 
 log = logging.getLogger(__name__)
 
@@ -207,3 +213,138 @@ def reconstruct_dataset(
     dataset.save_manifest()
     log.info("wrote %s for %d case(s) (%d slices) from %s", method, len(dataset.cases), len(slices), model.path)
     return method
+
+
+# ---------------------------------------------------------------------------------------
+# Whole volumes, on their own voxel grid (the server's unit of work)
+
+Progress = Callable[[int, int], None]
+"""Called as ``progress(slices_done, slices_total)`` after each batch."""
+
+
+@dataclass
+class VolumeResult:
+    """What :func:`reconstruct_and_segment` and friends return, on the input volume's voxels.
+
+    Attributes:
+        reconstruction_hu: ``(X, Y, Z)`` float32 HU of f's output, or None.
+        labels: ``(X, Y, Z)`` uint8 labels of g (0 background, 1 liver, 2 tumour), or None.
+        warnings: how the input differs from the models' training data (may be empty).
+        model_spacing_mm: the in-plane pixel spacing the networks ran at.
+        resampled: whether slices were resampled to reach it.
+    """
+
+    reconstruction_hu: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
+    model_spacing_mm: tuple[float, float] = (0.0, 0.0)
+    resampled: bool = False
+
+
+def model_grid(model: ModelFile, shape: tuple[int, int, int], affine: np.ndarray) -> ModelGrid:
+    """How a volume maps to ``model``'s pixel grid.
+
+    A model file that does not record its imaging settings (version 1) runs at the
+    input's own spacing.
+    """
+    factor = 2**model.network.depth
+    if model.imaging is None:
+        spacing = min(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :2], axis=0))
+        return ModelGrid(tuple(shape), np.asarray(affine), (spacing, spacing * 1e6), factor)  # type: ignore[arg-type]
+    span = model.imaging["pixel_spacing_mm"]
+    return ModelGrid(tuple(shape), np.asarray(affine), (span["min"], span["max"]), factor)  # type: ignore[arg-type]
+
+
+def _run_slices(network: nn.Module, images: np.ndarray, batch_size: int, device: torch.device,
+                output: Callable[[torch.Tensor], torch.Tensor], progress: Progress | None,
+                done: int, total: int) -> np.ndarray:
+    results = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start : start + batch_size]
+        results.append(_apply(network, batch, batch_size, device, output))
+        if progress is not None:
+            progress(done + start + batch.shape[0], total)
+    return np.concatenate(results)
+
+
+def _warnings(model: ModelFile, grid: ModelGrid, hu: np.ndarray, role: str) -> list[str]:
+    spacing = float(np.sqrt(np.prod(grid.source_spacing_mm)))
+    return [f"{role} ({model.path.name}): {text}" for text in input_warnings(model.imaging, spacing, hu_percentiles([hu]))]
+
+
+def reconstruct_and_segment(
+    hu: np.ndarray,
+    affine: np.ndarray,
+    reconstructor: tuple[nn.Module, ModelFile] | None = None,
+    segmenter: tuple[nn.Module, ModelFile] | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> VolumeResult:
+    """f, g or f then g (the paper's pipeline) on a CT volume, answered on its own voxels.
+
+    Slices are taken along the voxel axis closest to superior, in canonical orientation,
+    resampled in-plane to the model's pixel spacing where the input's lies outside the
+    trained range, and padded with air to sides the U-Net can down-sample
+    (:class:`training.grid.ModelGrid`). g runs on f's output on the model grid (one
+    resampling, not two); its class probabilities are resampled back before the argmax.
+
+    Args:
+        hu: ``(X, Y, Z)`` CT volume in HU, in the file's own voxel order, finite.
+        affine: its ``(4, 4)`` voxel-to-RAS affine (mm), any direction.
+        reconstructor: f and its model file (:func:`training.checkpoints.load_reconstructor`).
+        segmenter: g and its model file; with ``reconstructor`` g segments f's output.
+        batch_size: slices per forward pass.
+        device: where to run (the networks are moved there); by default where their weights are.
+        progress: called after each batch with (slices done, slices in all).
+
+    Returns:
+        a :class:`VolumeResult` with the input's shape (float32 HU and/or uint8 labels).
+
+    Raises:
+        ValueError: neither network given, or a volume that is not a finite 3-D array.
+    """
+    if reconstructor is None and segmenter is None:
+        raise ValueError("give a reconstructor, a segmenter or both")
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise ValueError(f"a CT volume must be 3-D (X, Y, Z), got shape {hu.shape}")
+    if hu.dtype.kind not in "iuf":
+        raise ValueError(f"a CT volume must hold numbers, got dtype {hu.dtype}")
+    if not np.isfinite(hu).all():
+        raise ValueError(f"the volume holds {int(np.isnan(hu).sum())} NaN and {int(np.isinf(hu).sum())} infinite values")
+    first = reconstructor if reconstructor is not None else segmenter
+    assert first is not None
+    grid = model_grid(first[1], hu.shape, affine)
+    images = grid.to_model(hu)
+    result = VolumeResult(model_spacing_mm=grid.model_spacing_mm, resampled=grid.resampled)
+    total = images.shape[0] * (int(reconstructor is not None) + int(segmenter is not None))
+    done = 0
+    if reconstructor is not None:
+        network, model = reconstructor
+        result.warnings += _warnings(model, grid, hu, "reconstruction")
+        run_on = _network_device(network, device)
+        images = _run_slices(network, images, batch_size, run_on, lambda out: out[:, 0].float(), progress, done, total)
+        done += images.shape[0]
+        result.reconstruction_hu = normalized_to_hu(grid.from_model(images))
+    if segmenter is not None:
+        network, model = segmenter
+        if reconstructor is None:
+            result.warnings += _warnings(model, grid, hu, "segmentation")
+        run_on = _network_device(network, device)
+        probabilities = _run_slices(network, images, batch_size, run_on, lambda logits: logits.float().softmax(1),
+                                    progress, done, total)
+        result.labels = grid.from_model(probabilities).argmax(axis=-1).astype(np.uint8)
+    return result
+
+
+def reconstruct_volume(hu: np.ndarray, affine: np.ndarray, reconstructor: tuple[nn.Module, ModelFile],
+                       **kwargs) -> VolumeResult:
+    """f on a CT volume (see :func:`reconstruct_and_segment`)."""
+    return reconstruct_and_segment(hu, affine, reconstructor=reconstructor, **kwargs)
+
+
+def segment_volume(hu: np.ndarray, affine: np.ndarray, segmenter: tuple[nn.Module, ModelFile],
+                   **kwargs) -> VolumeResult:
+    """g on a (full-dose or reconstructed) CT volume (see :func:`reconstruct_and_segment`)."""
+    return reconstruct_and_segment(hu, affine, segmenter=segmenter, **kwargs)

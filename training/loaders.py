@@ -4,7 +4,9 @@ Every loader returns arrays in canonical RAS+ orientation (see :mod:`training.vo
 ``(X, Y, Z)`` with ``i`` towards the patient's right, ``j`` anterior, ``k`` superior, and a
 ``(4, 4)`` voxel-to-RAS affine in mm. Files in any other axis order or direction (LPS
 DICOM, LAS NIfTI, ...) are reoriented, never resampled: the result is exactly what
-nibabel's ``as_closest_canonical`` gives for the same data written as NIfTI.
+nibabel's ``as_closest_canonical`` gives for the same data written as NIfTI. The one
+exception is :func:`read_volume`, which keeps the file's voxel order for callers that must
+answer on the input's own grid (the server).
 
 Inputs that cannot be used raise :class:`training.errors.DataError` naming the file and
 the problem. Nothing here writes files.
@@ -127,6 +129,19 @@ def load_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         DataError: the file is missing, unreadable, of an unsupported type, or not 3-D.
     """
+    return to_closest_canonical(*read_volume(path))
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one volume as stored: the file's own voxel order, without checking its values.
+
+    Like :func:`load_image`, but the array is not reoriented: ``affine`` maps the voxel
+    indices of ``array`` to RAS mm, so a result written with the same array shape and
+    affine has the input's geometry exactly (what a server returns to a viewer).
+
+    Raises:
+        DataError: the file is missing, unreadable, of an unsupported type, or not 3-D.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(path, "file does not exist.")
@@ -140,12 +155,28 @@ def load_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             image = sitk.ReadImage(str(path))
         except RuntimeError as error:
             raise DataError(path, f"cannot be read as an image: {_error_text(error)}") from error
-        return _sitk_to_canonical(image, path)
+        return _sitk_to_ras(image, path)
     raise DataError(
         path,
         f"unsupported file type; expected NIfTI ({', '.join(NIFTI_SUFFIXES)}), "
         f"NRRD or MetaImage ({', '.join(SITK_SUFFIXES)}), or a folder with a DICOM series.",
     )
+
+
+def to_closest_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Permute and flip voxel axes to RAS+ (no interpolation), as nibabel's ``as_closest_canonical``."""
+    orientation = io_orientation(affine)
+    return apply_orientation(array, orientation), affine @ inv_ornt_aff(orientation, array.shape)
+
+
+def checked_hu(path: str | Path, hu: np.ndarray) -> np.ndarray:
+    """``hu`` as float32 after checking it holds Hounsfield units of a body.
+
+    Raises:
+        DataError: NaN or infinite values, values outside [HU_MIN, HU_MAX], no air (a
+            normalised volume) or no tissue (only air or padding), naming ``path``.
+    """
+    return _checked_hu(Path(path), hu)
 
 
 def load_lits_case(volume_path: str | Path, segmentation_path: str | Path, case_id: str) -> CTVolume:
@@ -193,7 +224,7 @@ def load_dicom_case(dicom_dir: str | Path, mask_path: str | Path | None, case_id
     dicom_dir = Path(dicom_dir)
     if not dicom_dir.is_dir():
         raise DataError(dicom_dir, "DICOM folder does not exist.")
-    hu, affine = _load_dicom_series(dicom_dir)
+    hu, affine = to_closest_canonical(*_load_dicom_series(dicom_dir))
     volume = CTVolume(case_id, _checked_hu(dicom_dir, hu), None, affine, [str(dicom_dir)])
     if mask_path is not None:
         volume.segmentation = _load_segmentation(Path(mask_path), volume)
@@ -248,13 +279,13 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except _NIBABEL_READ_ERRORS as error:
         raise DataError(path, f"cannot be read as NIfTI: {_error_text(error)}") from error
     _check_dimensions(path, image.shape)
-    canonical = nib.as_closest_canonical(nib.squeeze_image(image))
+    image = nib.squeeze_image(image)
     try:
         # nibabel reads the voxels lazily: truncated or corrupt data only fail here.
-        array = np.asanyarray(canonical.dataobj)
+        array = np.asanyarray(image.dataobj)
     except _NIBABEL_READ_ERRORS as error:
         raise DataError(path, f"cannot be read as NIfTI: {_error_text(error)}") from error
-    return array, canonical.affine
+    return array, image.affine
 
 
 def _load_dicom_series(directory: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -282,7 +313,7 @@ def _load_dicom_series(directory: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(directory, f"the DICOM series cannot be read: {_error_text(error)}") from error
     positions = np.array([_dicom_vector(reader, index, "0020|0032", directory) for index in range(len(files))])
     _check_slice_positions(directory, positions, np.reshape(image.GetDirection(), (3, 3))[:, 2])
-    return _sitk_to_canonical(image, directory)
+    return _sitk_to_ras(image, directory)
 
 
 def _dicom_vector(reader: sitk.ImageSeriesReader, index: int, tag: str, directory: Path) -> np.ndarray:
@@ -310,8 +341,8 @@ def _check_slice_positions(directory: Path, positions: np.ndarray, normal: np.nd
         )
 
 
-def _sitk_to_canonical(image: sitk.Image, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """SimpleITK image (LPS world, array ``(z, y, x)``) to a canonical RAS+ ``(X, Y, Z)`` array and affine."""
+def _sitk_to_ras(image: sitk.Image, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """SimpleITK image (LPS world, array ``(z, y, x)``) to its ``(X, Y, Z)`` voxel array and voxel-to-RAS affine."""
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(
             path,
@@ -325,10 +356,7 @@ def _sitk_to_canonical(image: sitk.Image, path: Path) -> tuple[np.ndarray, np.nd
     lps = np.eye(4)
     lps[:3, :3] = np.reshape(image.GetDirection(), (3, 3)) * np.asarray(image.GetSpacing())
     lps[:3, 3] = image.GetOrigin()
-    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    # The same transform as nibabel's as_closest_canonical, so DICOM/NRRD and NIfTI agree exactly.
-    orientation = io_orientation(ras)
-    return apply_orientation(array, orientation), ras @ inv_ornt_aff(orientation, array.shape)
+    return array, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
 def _check_dimensions(path: Path, shape: tuple[int, ...]) -> None:
