@@ -132,15 +132,20 @@ def load_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return to_closest_canonical(*read_volume(path))
 
 
-def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def read_volume(path: str | Path, max_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read one volume as stored: the file's own voxel order, without checking its values.
 
     Like :func:`load_image`, but the array is not reoriented: ``affine`` maps the voxel
     indices of ``array`` to RAS mm, so a result written with the same array shape and
     affine has the input's geometry exactly (what a server returns to a viewer).
 
+    Args:
+        path: as for :func:`load_image`.
+        max_voxels: refuse, from the header and before reading any voxel, a volume with
+            more voxels than this.
+
     Raises:
-        DataError: the file is missing, unreadable, of an unsupported type, or not 3-D.
+        DataError: the file is missing, unreadable, of an unsupported type, not 3-D, or too large.
     """
     path = Path(path)
     if not path.exists():
@@ -149,10 +154,14 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         return _load_dicom_series(path)
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
-        return _load_nifti(path)
+        return _load_nifti(path, max_voxels)
     if name.endswith(SITK_SUFFIXES):
         try:
-            image = sitk.ReadImage(str(path))
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            _check_voxels(path, reader.GetSize(), max_voxels)
+            image = reader.Execute()
         except RuntimeError as error:
             raise DataError(path, f"cannot be read as an image: {_error_text(error)}") from error
         return _sitk_to_ras(image, path)
@@ -273,12 +282,20 @@ def check_same_grid(path: str | Path, shape: tuple[int, ...], affine: np.ndarray
         )
 
 
-def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _check_voxels(path: Path, shape: tuple[int, ...], max_voxels: int | None) -> None:
+    voxels = int(np.prod([int(n) for n in shape], dtype=np.float64))
+    if max_voxels is not None and voxels > max_voxels:
+        raise DataError(path, f"the volume is {' x '.join(str(int(n)) for n in shape)} voxels ({voxels:,}), more than "
+                              f"the {max_voxels:,} this server accepts; send it in slabs of slices or crop it")
+
+
+def _load_nifti(path: Path, max_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     try:
         image = nib.load(str(path))
     except _NIBABEL_READ_ERRORS as error:
         raise DataError(path, f"cannot be read as NIfTI: {_error_text(error)}") from error
     _check_dimensions(path, image.shape)
+    _check_voxels(path, image.shape, max_voxels)
     image = nib.squeeze_image(image)
     try:
         # nibabel reads the voxels lazily: truncated or corrupt data only fail here.

@@ -1,0 +1,1 @@
+"""The TaskAdaptiveCT MONAI Label app's library: configs, infer and train tasks, strategies."""

@@ -1,0 +1,1 @@
+"""One config per model kind; each gives its infer tasks and its train task (``main.py`` wires them)."""

@@ -1,0 +1,119 @@
+"""A real MONAI Label server process running the project's app, for tests that talk HTTP to it.
+
+``MonaiLabelServer`` starts ``python -m monailabel.main start_server`` (the command the
+``monailabel`` script runs, with this interpreter) on 127.0.0.1 and a free port, waits
+until ``/info/`` answers, and stops the whole process group afterwards. Its log is kept
+in the given folder for the failure message.
+"""
+
+from __future__ import annotations
+
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import requests
+from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "apps" / "taskadaptive_ct"
+START_TIMEOUT = 240.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MonaiLabelServer:
+    """A running server: ``url``, ``log``, :meth:`stop`."""
+
+    def __init__(self, studies: Path, workdir: Path, conf: dict[str, str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / f"server-{self.port}.log"
+        command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
+                   "--host", "127.0.0.1", "--port", str(self.port)]
+        for key, value in (conf or {}).items():
+            command += ["--conf", key, str(value)]
+        environment = dict(os.environ, MONAI_LABEL_TRACKING_ENABLED="false", MONAI_LABEL_AUTO_UPDATE_SCORING="false",
+                           MONAI_LABEL_SESSION_PATH=str(workdir / "sessions"), OMP_NUM_THREADS="1", **(env or {}))
+        self._log_handle = open(self.log, "w")
+        self.process = subprocess.Popen(command, cwd=workdir, stdout=self._log_handle, stderr=subprocess.STDOUT,
+                                        env=environment, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.tail()}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=5).ok:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"the server did not answer within {START_TIMEOUT:.0f} s:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log_handle.close()
+
+    # --------------------------------------------------------------------- requests
+
+    def info(self) -> dict:
+        reply = requests.get(f"{self.url}/info/", timeout=30)
+        reply.raise_for_status()
+        return reply.json()
+
+    def infer(self, task: str, image: str = "", params: dict | None = None, upload: Path | None = None,
+              timeout: float = 300) -> requests.Response:
+        files = {"params": (None, json.dumps(params or {}))}
+        if upload is not None:
+            files["file"] = (upload.name, upload.read_bytes())
+        return requests.post(f"{self.url}/infer/{task}", params={"image": image} if image else {}, files=files,
+                             timeout=timeout)
+
+
+def multipart_result(reply: requests.Response) -> tuple[dict, bytes, str]:
+    """``(params, file bytes, file name)`` of MONAI Label's default multipart infer reply."""
+    assert reply.status_code == 200, f"{reply.status_code}: {reply.text[:500]}"
+    parts = MultipartDecoder(reply.content, reply.headers["content-type"]).parts
+    params, image, name = {}, b"", ""
+    for part in parts:
+        disposition = part.headers[b"Content-Disposition"].decode()
+        if 'name="params"' in disposition:
+            params = json.loads(part.content)
+        elif 'name="image"' in disposition:
+            image = part.content
+            name = disposition.split('filename="')[1].split('"')[0]
+    return params, image, name
+
+
+def nifti_from_bytes(data: bytes, name: str = "") -> nib.Nifti1Image:
+    """A NIfTI image from a reply's bytes, gzip-compressed or not (``name`` is for messages)."""
+    if data[:2] == b"\x1f\x8b":
+        import gzip
+
+        data = gzip.decompress(data)
+    return nib.Nifti1Image.from_bytes(data)
+
+
+
