@@ -372,6 +372,7 @@ def test_a_model_published_into_the_folder_is_served_without_a_restart(served):
 
 @pytest.fixture()
 def model_folder_module():
+    """The app's `lib` package, importable as MONAI Label imports it (the app folder on the path)."""
     sys.path.insert(0, str(APP))
     try:
         import lib.models as module
@@ -395,3 +396,42 @@ def test_model_folder_names_models_by_what_they_are_and_reports_unusable_files(m
     os.utime(copy, ns=(paths["ta0.5"].stat().st_mtime_ns + 10**9,) * 2)
     assert folder.models()["ta0.5"].model.path == copy
     assert folder.default_variant("baseunet") == "baseunet" and folder.default_variant("nothing") == "ta0.5"
+
+
+def test_task_uncertainty_ranks_a_deliberately_ambiguous_image_first(model_folder_module, tmp_path):
+    """The real strategy on a real MONAI Label datastore, with an f and g whose answers are known.
+
+    f is the identity and g thresholds at 0 HU (liver) and 500 HU (tumour) (the modules of
+    test_grid): an organ of 0 HU sits exactly on g's boundary, so g cannot decide there.
+    """
+    from monailabel.datastore.local import LocalDatastore
+
+    from test_grid import Identity, Threshold, model_file
+
+    from lib.activelearning.task_uncertainty import TaskUncertainty
+
+    ServedModel = model_folder_module.ServedModel
+
+    class KnownModels(model_folder_module.ModelFolder):
+        def models(self):
+            return {"segmentation": ServedModel("segmentation", model_file("segmentation", (2.0, 2.0)), Threshold()),
+                    "ta0.5": ServedModel("ta0.5", model_file("reconstruction", (2.0, 2.0)), Identity())}
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    organ_hu = {"clear-a": 250.0, "ambiguous": 0.0, "clear-b": 900.0, "clear-c": 200.0}
+    for name, organ in organ_hu.items():
+        hu = np.full((24, 24, 3), -1000.0, dtype=np.float32)
+        hu[3:21, 3:21] = 250.0
+        hu[6:18, 6:18] = organ
+        nib.save(nib.Nifti1Image(hu, affine), str(studies / f"{name}.nii"))
+    datastore = LocalDatastore(str(studies), extensions=["*.nii"], auto_reload=False)
+    strategy = TaskUncertainty(KnownModels(tmp_path / "models"), "ta0.5", batch_size=2, max_voxels=10**6)
+    answer = strategy({"strategy": "task_uncertainty"}, datastore)
+    assert answer["id"] == "ambiguous"
+    assert [item["id"] for item in answer["ranking"]][0] == "ambiguous"
+    assert answer["ranking"][0]["uncertainty"] > 2 * answer["ranking"][1]["uncertainty"]
+    # an image a clinician has corrected is not proposed again
+    datastore.save_label("ambiguous", str(studies / "ambiguous.nii"), "final", {"corrected": True})
+    assert strategy({}, datastore)["id"] != "ambiguous"

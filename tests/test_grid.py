@@ -239,3 +239,22 @@ def test_volume_inference_refuses_arrays_that_are_not_ct_volumes():
         reconstruct_and_segment(bad, np.eye(4), reconstructor=f)
     with pytest.raises(ValueError, match="reconstructor, a segmenter"):
         reconstruct_and_segment(bad, np.eye(4))
+
+
+def test_uncertainty_is_highest_where_g_cannot_decide():
+    """g's mean entropy over the body: 1/3-1/3-1/3 everywhere is 1, a clear image is near 0."""
+    from training.inference import mean_entropy
+
+    shape = (20, 20, 2)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    clear = np.full(shape, -1000.0, dtype=np.float32)
+    clear[4:16, 4:16] = 300.0  # far above the liver threshold, far below the tumour one
+    ambiguous = clear.copy()
+    ambiguous[4:16, 4:16] = 0.0  # exactly at g's liver threshold: liver and background equally likely
+    g = (Threshold(), model_file("segmentation", (2.0, 2.0)))
+    sure = reconstruct_and_segment(clear, affine, segmenter=g).uncertainty
+    unsure = reconstruct_and_segment(ambiguous, affine, segmenter=g).uncertainty
+    assert sure < 0.05 and unsure > 0.5
+    uniform = np.full((1, 3, 2, 2), 1 / 3)
+    assert mean_entropy(uniform, np.ones((1, 2, 2), bool)) == pytest.approx(1.0)
+    assert np.isnan(reconstruct_and_segment(clear, affine, reconstructor=(Identity(), g[1])).uncertainty)

@@ -143,6 +143,15 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def config_from_mapping(values: dict[str, Any]) -> TrainingConfig:
+    """A configuration from a mapping of keys to values (nested ``network``), validated.
+
+    Raises:
+        ConfigError: unknown key, wrong type or invalid value.
+    """
+    return _build(TrainingConfig, values)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainingConfig:
     """The configuration from an optional YAML file and ``key=value`` overrides, validated.
 

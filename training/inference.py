@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from training.checkpoints import ModelFile, check_input_size, describe_model, load_reconstructor
 from training.dataset import LOWDOSE, SimulatedDataset, volume_path
 from training.fileio import save_nifti
-from training.grid import ModelGrid
+from training.grid import ModelGrid, hu_to_network_input
 from training.methods import check_trained_method_name, method_name
 from training.physics import normalized_to_hu
 from training.provenance import hu_percentiles, input_warnings
@@ -232,6 +232,9 @@ class VolumeResult:
         warnings: how the input differs from the models' training data (may be empty).
         model_spacing_mm: the in-plane pixel spacing the networks ran at.
         resampled: whether slices were resampled to reach it.
+        uncertainty: g's mean softmax entropy over the body (pixels of the input above
+            ``BODY_HU``), normalised to [0, 1] (1: all three classes equally likely); NaN
+            when g did not run or there is no body.
     """
 
     reconstruction_hu: np.ndarray | None = None
@@ -239,6 +242,18 @@ class VolumeResult:
     warnings: list[str] = field(default_factory=list)
     model_spacing_mm: tuple[float, float] = (0.0, 0.0)
     resampled: bool = False
+    uncertainty: float = float("nan")
+
+
+BODY_HU = -500.0
+"""Pixels of the input above this are the body, over which g's uncertainty is averaged."""
+
+
+def mean_entropy(probabilities: np.ndarray, mask: np.ndarray) -> float:
+    """Mean over ``mask`` of the softmax entropy of ``(N, C, H, W)`` probabilities, divided by log C (so in [0, 1])."""
+    p = np.clip(probabilities, 1e-12, 1.0)
+    entropy = -(p * np.log(p)).sum(axis=1) / np.log(probabilities.shape[1])
+    return float(entropy[mask].mean()) if mask.any() else float("nan")
 
 
 def model_grid(model: ModelFile, shape: tuple[int, int, int], affine: np.ndarray) -> ModelGrid:
@@ -317,6 +332,7 @@ def reconstruct_and_segment(
     assert first is not None
     grid = model_grid(first[1], hu.shape, affine)
     images = grid.to_model(hu)
+    body = images > float(hu_to_network_input(np.array(BODY_HU)))
     result = VolumeResult(model_spacing_mm=grid.model_spacing_mm, resampled=grid.resampled)
     total = images.shape[0] * (int(reconstructor is not None) + int(segmenter is not None))
     done = 0
@@ -335,6 +351,7 @@ def reconstruct_and_segment(
         probabilities = _run_slices(network, images, batch_size, run_on, lambda logits: logits.float().softmax(1),
                                     progress, done, total)
         result.labels = grid.from_model(probabilities).argmax(axis=-1).astype(np.uint8)
+        result.uncertainty = mean_entropy(probabilities, body)
     return result
 
 

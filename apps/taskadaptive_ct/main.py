@@ -11,9 +11,17 @@ Settings (``--conf KEY VALUE``):
 * ``variant``: the reconstructor served when a request names none (default: the
   task-adaptive model with the best validation Dice);
 * ``batch_size``: slices per forward pass (default 8);
-* ``max_voxels``: the largest volume accepted (default 512 x 512 x 1200).
+* ``max_voxels``: the largest volume accepted (default 512 x 512 x 1200);
+* ``preset``: the ``tact`` preset whose training settings the train tasks start from
+  (default ``cpu``);
+* ``runs``: where training runs are written (default ``<app>/train_runs``);
+* ``retrain_after``: corrected labels that trigger retraining g and then f (default 0: off);
+* ``retrain_alpha``: alpha of the reconstructor retrained then (default: the default
+  variant's, else 0.5).
 
-Infer tasks: ``reconstruction``, ``segmentation``, ``reconstruct_segment`` (see ``lib/infers``).
+Infer tasks: ``reconstruction``, ``segmentation``, ``reconstruct_segment`` (``lib/infers``).
+Train tasks: ``segmentation``, ``reconstruction``, ``joint`` (``lib/trainers``).
+Active learning: ``task_uncertainty``, ``random``, ``first`` (``lib/activelearning``).
 """
 
 from __future__ import annotations
@@ -23,35 +31,44 @@ import os
 from pathlib import Path
 from typing import Any
 
+import sys
+
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.async_tasks.task import AsyncTask
 
+from lib.activelearning import TaskUncertainty
 from lib.configs.base import AppContext
+from lib.configs.joint import JointConfig
 from lib.configs.reconstruction import ReconstructionConfig
 from lib.configs.segmentation import SegmentationConfig
 from lib.datastore import TaskAdaptiveDatastore
 from lib.errors import BadRequest, NotFound, choices
+from lib.feedback import FeedbackLog
+from lib.guards import guard_train_route
 from lib.models import ModelFolder
+from lib.trainers import TrainRequestError
+from lib.trainers.engine_task import dataset_of
 from lib.volumes import DEFAULT_MAX_VOXELS
-from monailabel.config import settings
 
 log = logging.getLogger(__name__)
 
-CONFIGS = (SegmentationConfig, ReconstructionConfig)
+CONFIGS = (SegmentationConfig, ReconstructionConfig, JointConfig)
 
 
-def _positive_int(conf: dict[str, str], key: str, default: int) -> int:
+def _int_setting(conf: dict[str, str], key: str, default: int, minimum: int = 1) -> int:
     text = conf.get(key)
     if text is None:
         return default
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"--conf {key} must be a positive integer, got {text!r}")
+        value = minimum - 1
+    if value < minimum:
+        raise ValueError(f"--conf {key} must be an integer of at least {minimum}, got {text!r}")
     return value
 
 
@@ -61,10 +78,15 @@ class TaskAdaptiveCTApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         conf = dict(conf or {})
         self.model_folder = ModelFolder(Path(conf.get("models") or Path(app_dir) / "model").expanduser().resolve())
-        self.max_voxels = _positive_int(conf, "max_voxels", DEFAULT_MAX_VOXELS)
+        self.max_voxels = _int_setting(conf, "max_voxels", DEFAULT_MAX_VOXELS)
         self.context = AppContext(models=self.model_folder, default_variant=conf.get("variant") or None,
-                                  batch_size=_positive_int(conf, "batch_size", 8), max_voxels=self.max_voxels,
-                                  store=self._store_volume, conf=conf)
+                                  batch_size=_int_setting(conf, "batch_size", 8), max_voxels=self.max_voxels,
+                                  store=self._store_volume, studies=Path(studies).resolve(),
+                                  runs=Path(conf.get("runs") or Path(app_dir) / "train_runs").expanduser().resolve(),
+                                  preset=conf.get("preset", "cpu"), conf=conf)
+        self.feedback = FeedbackLog(studies, _int_setting(conf, "retrain_after", 0, minimum=0))
+        self.retrain_alpha = conf.get("retrain_alpha")
+        self._feedback_replies: dict[str, dict] = {}
         self.configs = [config(self.context) for config in CONFIGS]
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="TaskAdaptiveCT",
                          description="Task-adaptive low-dose CT reconstruction and liver/tumour segmentation",
@@ -75,7 +97,7 @@ class TaskAdaptiveCTApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
-        return TaskAdaptiveDatastore(self.studies, max_voxels=self.max_voxels,
+        return TaskAdaptiveDatastore(self.studies, max_voxels=self.max_voxels, on_label_saved=self._label_saved,
                                      extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                      auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                      read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
@@ -87,10 +109,62 @@ class TaskAdaptiveCTApp(MONAILabelApp):
         return {name: task for config in self.configs for name, task in config.trainer().items()}
 
     def init_strategies(self) -> dict[str, Any]:
-        return {"random": Random(), "first": First()}
+        context = self.context
+        return {"task_uncertainty": TaskUncertainty(context.models, context.default_variant, context.batch_size,
+                                                    context.max_voxels),
+                "random": Random(), "first": First()}
 
     def _store_volume(self, *args: Any) -> str:
         return self.datastore().store_volume(*args)
+
+    def server_mode(self, mode: bool) -> None:
+        """Called once the server runs: check train requests there before MONAI Label starts a process."""
+        super().server_mode(mode)
+        api = sys.modules.get("monailabel.app")
+        if mode and api is not None:
+            guard_train_route(api.app, self._check_train_request)
+
+    def _check_train_request(self, model: str, options: dict) -> tuple[int, str] | None:
+        if model not in self._trainers:
+            return 404, f"unknown train task {model!r}; this server has {choices(self._trainers)}"
+        try:
+            self._trainers[model].validate(options)
+        except TrainRequestError as error:
+            return 422, str(error)
+        return None
+
+    # ----------------------------------------------------------------------------- feedback loop
+
+    def _label_saved(self, image_id: str, tag: str) -> None:
+        """A label was stored through the datastore API: a ``final`` one is a clinician's correction."""
+        if tag != "final":
+            return
+        try:
+            counted = image_id in dataset_of(self.studies).case_ids("train")
+        except TrainRequestError:
+            counted = False  # not a simulated data set: nothing can be retrained from it
+        reply = self.feedback.record(image_id, counted)
+        if reply["due"]:
+            reply["retraining"] = self._retrain()
+        self._feedback_replies[image_id] = reply
+
+    def _retrain(self) -> list[dict[str, Any]]:
+        """Queue segmentation, then reconstruction with the new g (MONAI Label runs its queue in order)."""
+        alpha = self.retrain_alpha
+        if alpha is None:
+            default = self.model_folder.default_variant(self.context.default_variant)
+            served = self.model_folder.reconstructors().get(default or "")
+            alpha = served.model.weight if served is not None and served.kind == "reconstruction" else 0.5
+        queued = []
+        for model, params in (("segmentation", {}), ("reconstruction", {"alpha": float(alpha)})):
+            task, _ = AsyncTask.run("train", request={"model": model}, params=params, enqueue=True)
+            queued.append({"model": model, **params, "task": task.get("id") if task else None})
+            log.info("feedback loop: queued %s training %s", model, params)
+        return queued
+
+    def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
+        reply = self._feedback_replies.pop(image_id, None)
+        return {"feedback": reply} if reply is not None else {}
 
     # ----------------------------------------------------------------------------- requests
 
@@ -99,6 +173,7 @@ class TaskAdaptiveCTApp(MONAILabelApp):
         meta["model_folder"] = {"path": str(self.model_folder.root),
                                 "models": {n: m.describe() for n, m in self.model_folder.models().items()},
                                 "not_served": self.model_folder.problems}
+        meta["feedback"] = self.feedback.status()
         return meta
 
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:

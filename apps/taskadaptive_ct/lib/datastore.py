@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
@@ -55,11 +55,14 @@ class TaskAdaptiveDatastore(LocalDatastore):
     Args:
         path: the studies folder (e.g. a data set's ``lowdose/``).
         max_voxels: largest image accepted.
+        on_label_saved: called with (image id, tag) after a label was saved through the API.
         **kwargs: passed to ``LocalDatastore``.
     """
 
-    def __init__(self, path: str, max_voxels: int = DEFAULT_MAX_VOXELS, **kwargs: Any) -> None:
+    def __init__(self, path: str, max_voxels: int = DEFAULT_MAX_VOXELS,
+                 on_label_saved: Callable[[str, str], None] | None = None, **kwargs: Any) -> None:
         self.max_voxels = max_voxels
+        self.on_label_saved = on_label_saved
         super().__init__(path, **kwargs)
         shutil.rmtree(Path(path) / INCOMING, ignore_errors=True)  # leftovers of an interrupted write
 
@@ -142,10 +145,13 @@ class TaskAdaptiveDatastore(LocalDatastore):
             image.header["descrip"] = b"0 bg, 1 liver, 2 tumor"
             nib.save(image, tmp)
 
+        info = dict(label_info or {}, corrected=True) if tag == "final" else label_info
         with FileLock(self._lock_file):
             self._place(write, destination)
             self._remove_other_extensions(image_id, tag, destination)
-            self._register_label(image_id, tag, ext, label_info)
+            self._register_label(image_id, tag, ext, info)
+        if self.on_label_saved is not None:
+            self.on_label_saved(image_id, tag)
         log.info("saved label %s of %s (%s voxels liver, %s tumour)", tag, image_id, int((labels == 1).sum()),
                  int((labels == 2).sum()))
         return image_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from lib.models import ModelFolder
@@ -18,6 +19,9 @@ class AppContext:
         batch_size: default slices per forward pass.
         max_voxels: largest input volume accepted.
         store: keeps a computed volume for a datastore image (``TaskAdaptiveDatastore.store_volume``).
+        studies: the datastore folder.
+        runs: where training runs are written.
+        preset: the ``tact`` preset whose training settings the train tasks start from.
         conf: every ``--conf`` key and value, as given.
     """
 
@@ -26,6 +30,9 @@ class AppContext:
     batch_size: int
     max_voxels: int
     store: Callable[..., Any]
+    studies: Path
+    runs: Path
+    preset: str
     conf: dict[str, str]
 
     def infer_options(self) -> dict[str, Any]:

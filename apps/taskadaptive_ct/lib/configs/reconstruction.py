@@ -1,8 +1,9 @@
-"""The reconstruction network f: ``reconstruction`` and ``reconstruct_segment`` infer tasks (and the train task)."""
+"""The reconstruction network f: ``reconstruction`` and ``reconstruct_segment`` infer tasks and the ``reconstruction`` train task."""
 
 from __future__ import annotations
 
 from lib.configs.base import AppContext
+from lib.trainers import EngineTrainTask
 from lib.infers import ReconstructSegment, Reconstruction
 
 
@@ -18,4 +19,5 @@ class ReconstructionConfig:
                 "reconstruct_segment": ReconstructSegment(self.context.models, **options)}
 
     def trainer(self) -> dict:
-        return {}
+        context = self.context
+        return {"reconstruction": EngineTrainTask("reconstruction", context.models, context.studies, context.runs, context.preset)}

@@ -1,8 +1,9 @@
-"""The segmentation network g: ``segmentation`` infer task (and its train task)."""
+"""The segmentation network g: ``segmentation`` infer task and its ``segmentation`` train task."""
 
 from __future__ import annotations
 
 from lib.configs.base import AppContext
+from lib.trainers import EngineTrainTask
 from lib.infers import Segmentation
 
 
@@ -16,4 +17,5 @@ class SegmentationConfig:
         return {"segmentation": Segmentation(self.context.models, **self.context.infer_options())}
 
     def trainer(self) -> dict:
-        return {}
+        context = self.context
+        return {"segmentation": EngineTrainTask("segmentation", context.models, context.studies, context.runs, context.preset)}
