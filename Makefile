@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test benchmark clean
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: venv serve demo test benchmark clean
 
 venv: $(STAMP)
 
@@ -18,7 +21,12 @@ $(STAMP): requirements.txt constraints.txt setup.py
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# The main job on the embedded default: the real 20-slice sample at N0 = 4096.
+# The main job: the MONAI Label app on embedded studies (phantoms and the real sample,
+# simulated once into runs/serve) with the committed demo models, on $(HOST):$(PORT).
+serve: $(STAMP)
+	$(BIN)/tact serve --host $(HOST) --port $(PORT)
+
+# The classical pipeline on the real 20-slice sample at N0 = 4096: FBP, BM3D, report.
 demo: $(STAMP)
 	$(BIN)/tact demo --out runs/demo
 

@@ -109,3 +109,33 @@ def test_other_simulation_settings_for_a_finished_run_folder_are_refused(run):
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"tact: error: {manifest}: this run's data set was simulated with {shown}"), result.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+@pytest.mark.network
+def test_export_models_writes_a_model_folder_with_its_card(run, sample_cache, tmp_path):
+    """`tact export-models`: the chosen models byte for byte, serving.json, and a card with the served check."""
+    out, _ = run
+    models = tmp_path / "model"
+    result = subprocess.run([str(TACT), "-q", "export-models", str(out), "--out", str(models), "--models",
+                             "segmentation,baseunet,ta0.5", "--data", str(tmp_path / "serve")],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("segmentation", "baseunet", "ta0.5"):
+        assert (models / f"{name}.pt").read_bytes() == (out / "models" / name / "best.pt").read_bytes()
+    serving = json.loads((models / "serving.json").read_text())
+    # ta0.5 is the only task-adaptive model: the default whatever its PSNR
+    assert serving["default_variant"] == "ta0.5" and serving["models"] == ["segmentation", "baseunet", "ta0.5"]
+    card = (models / "MODEL_CARD.md").read_text()
+    for text in ("| `segmentation.pt` | segmentation |", "| `ta0.5.pt` | reconstruction | α = 0.5 |",
+                 "| served `ta0.5` |", "| Hann FBP |", "Not for clinical use"):
+        assert text in card, text
+    assert f"served on the real sample (3)" in result.stdout
+    # the demo studies were simulated at the models' settings, the sample a test patient
+    studies = SimulatedDataset(tmp_path / "serve" / "dataset")
+    assert studies.settings["size"] == PRESETS["smoke"].size and studies.settings["num_angles"] == PRESETS["smoke"].angles
+    assert studies.case_ids("test") == ["3"] and studies.case_ids("train") == ["0", "1", "2"]
+
+    refused = subprocess.run([str(TACT), "export-models", str(out), "--out", str(tmp_path / "other"), "--models",
+                              "segmentation,ta0.9"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "no such model file(s)" in refused.stderr and "ta0.9" in refused.stderr
+    assert not (tmp_path / "other").exists()

@@ -22,6 +22,11 @@ from training.physics import DEFAULT_HANN_SCALING, PHOTONS_PER_BIN
 
 log = logging.getLogger("training")
 
+APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "taskadaptive_ct"
+"""The MONAI Label app of this repository."""
+PSNR_TOLERANCE_DB = 3.0
+"""`export-models` picks as default the best-Dice task-adaptive model within this of the best validation PSNR."""
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with the package's error format and a ``-q`` accepted at every level.
@@ -226,7 +231,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photons", type=_positive_finite, default=None, help="N0, photons per detector bin (default: the preset's)")
     p.add_argument("--angles", type=_positive_int, default=None, help="projection angles over [0, pi) (default: the preset's)")
 
-    p = commands.add_parser("demo", help="the main job: real sample -> low dose -> FBP, BM3D -> report")
+    p = commands.add_parser("export-models", help="copy models of a `tact reproduce` run into the app's model folder, with a model card")
+    p.add_argument("run", type=Path, help="the run folder of `tact reproduce`")
+    p.add_argument("--out", type=Path, default=APP_DIR / "model", help="model folder (default: %(default)s)")
+    p.add_argument("--models", type=_methods, default=["segmentation", "baseunet", "ta0.1", "ta0.5"],
+                   help="comma-separated models of the run (default: segmentation,baseunet,ta0.1,ta0.5)")
+    p.add_argument("--default", default=None,
+                   help="the variant served when a request names none (default: the task-adaptive model with the best "
+                        f"validation Dice among those within {PSNR_TOLERANCE_DB:g} dB of the best validation PSNR)")
+    p.add_argument("--data", type=Path, default=Path("runs/serve"),
+                   help="the demo studies of `tact serve`, on whose real sample the card's served numbers are measured "
+                        "(prepared if missing; default: %(default)s)")
+
+    p = commands.add_parser("serve", help="the main job: start the MONAI Label app on embedded studies and the demo models")
+    p.add_argument("--models", type=Path, default=APP_DIR / "model", help="model folder (default: %(default)s)")
+    p.add_argument("--studies", type=Path, default=None,
+                   help="datastore folder, e.g. DATASET/lowdose (default: embedded studies prepared in --data)")
+    p.add_argument("--data", type=Path, default=Path("runs/serve"),
+                   help="where the embedded studies are simulated, once (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=_positive_int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--prepare-only", action="store_true", help="prepare the studies and exit without starting the server")
+    p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="more app settings, e.g. --conf retrain_after 5 (see apps/taskadaptive_ct/main.py)")
+
+    p = commands.add_parser("demo", help="the classical pipeline on the real sample: low dose -> FBP, BM3D -> report")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: %(default)s)")
     _add_simulation_options(p)
     return parser
@@ -437,6 +466,61 @@ def _demo(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
+def _export_models(args: argparse.Namespace, progress: bool) -> int:
+    from training.checkpoints import read_model
+    from training.model_card import export_models
+
+    reconstructors = [m for m in args.models if m != "segmentation"]
+    if not reconstructors or "segmentation" not in args.models:
+        raise OptionError("--models", "give the segmentation model and at least one reconstructor")
+    files = {m: args.run / "models" / m / "best.pt" for m in args.models}
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        raise DataError(args.run, f"no such model file(s): {', '.join(missing)}; run `tact reproduce` to the end first")
+    default = args.default
+    if default is None:
+        default = default_variant({m: read_model(files[m]).metrics for m in reconstructors})
+    command = f"tact export-models {args.run} --out {args.out} --models {','.join(args.models)} --default {default}"
+    result = export_models(args.run, args.out, args.models, default, args.data, command=command, progress=progress)
+    quality = result["quality"]
+    print(f"{args.out}: {', '.join(args.models)}; default variant {default}")
+    print(f"served on the real sample ({quality['case']}): PSNR {quality['psnr_served']:.2f} dB (FBP "
+          f"{quality['psnr_fbp']:.2f}), g's liver Dice {quality['liver_dice_served']:.3f} (on the FBP "
+          f"{quality['liver_dice_fbp']:.3f}); model card: {args.out / 'MODEL_CARD.md'}")
+    return 0
+
+
+def default_variant(metrics: dict[str, dict[str, float]]) -> str:
+    """The task-adaptive model with the best validation Dice among those whose validation PSNR
+    is within ``PSNR_TOLERANCE_DB`` of the best one: task adaptation, while the images stay CT."""
+    best_psnr = max(m.get("val_psnr", -math.inf) for m in metrics.values())
+    adaptive = {name: m for name, m in metrics.items() if name.startswith("ta")}
+    close = {name: m for name, m in adaptive.items() if m.get("val_psnr", -math.inf) >= best_psnr - PSNR_TOLERANCE_DB}
+    pool = close or adaptive or metrics
+    return max(pool, key=lambda name: pool[name].get("val_dice_volume", -math.inf))
+
+
+def _serve(args: argparse.Namespace, progress: bool) -> int:
+    import os
+
+    from training.serving import SAMPLE_CASE, example_image, prepare_studies, server_command
+
+    studies = args.studies if args.studies is not None else prepare_studies(args.models, args.data, progress=progress)
+    image = SAMPLE_CASE if args.studies is None else example_image(studies)
+    command, environment = server_command(APP_DIR, studies, args.models, args.host, args.port, args.conf)
+    if args.prepare_only:
+        print(f"studies ready: {studies}")
+        return 0
+    url = f"http://{args.host}:{args.port}"
+    print(f"TaskAdaptiveCT app: {url}  (API docs: {url}/docs, Swagger: {url}/)")
+    print(f"studies: {studies}   models: {args.models}")
+    print(f"reconstruct and segment study {image}{' (the real sample)' if args.studies is None else ''}:")
+    print(f"  curl -X POST '{url}/infer/reconstruct_segment?image={image}&output=json' -F 'params={{}}'")
+    sys.stdout.flush()
+    os.execve(command[0], command, environment)
+    return 0  # not reached: the server replaces this process
+
+
 _COMMANDS = {
     "phantom": _phantom,
     "sample-data": _sample_data,
@@ -447,6 +531,8 @@ _COMMANDS = {
     "train": _train,
     "reconstruct": _reconstruct,
     "reproduce": _reproduce,
+    "export-models": _export_models,
+    "serve": _serve,
 }
 
 

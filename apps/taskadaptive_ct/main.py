@@ -8,8 +8,10 @@ Settings (``--conf KEY VALUE``):
 
 * ``models``: the model folder (default ``<app>/model``; a ``tact reproduce`` run's
   ``models/`` works as it is);
-* ``variant``: the reconstructor served when a request names none (default: the
-  task-adaptive model with the best validation Dice);
+* ``variant``: the reconstructor served when a request names none (default: the one the
+  model folder's ``serving.json`` names, else the task-adaptive model with the best
+  validation Dice);
+* ``device``: where the networks run (default: the first GPU where there is one, else the CPU);
 * ``batch_size``: slices per forward pass (default 8);
 * ``max_voxels``: the largest volume accepted (default 512 x 512 x 1200);
 * ``preset``: the ``tact`` preset whose training settings the train tasks start from
@@ -53,6 +55,7 @@ from lib.models import ModelFolder
 from lib.trainers import TrainRequestError
 from lib.trainers.engine_task import dataset_of
 from lib.volumes import DEFAULT_MAX_VOXELS
+from training.model_card import read_serving
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +80,12 @@ class TaskAdaptiveCTApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         conf = dict(conf or {})
-        self.model_folder = ModelFolder(Path(conf.get("models") or Path(app_dir) / "model").expanduser().resolve())
+        self.model_folder = ModelFolder(Path(conf.get("models") or Path(app_dir) / "model").expanduser().resolve(),
+                                        device=conf.get("device") or None)
         self.max_voxels = _int_setting(conf, "max_voxels", DEFAULT_MAX_VOXELS)
-        self.context = AppContext(models=self.model_folder, default_variant=conf.get("variant") or None,
+        # the default variant: --conf variant, else what the model folder's serving.json names
+        default_variant = conf.get("variant") or read_serving(self.model_folder.root).get("default_variant")
+        self.context = AppContext(models=self.model_folder, default_variant=default_variant,
                                   batch_size=_int_setting(conf, "batch_size", 8), max_voxels=self.max_voxels,
                                   store=self._store_volume, studies=Path(studies).resolve(),
                                   runs=Path(conf.get("runs") or Path(app_dir) / "train_runs").expanduser().resolve(),

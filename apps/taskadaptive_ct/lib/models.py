@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from training.checkpoints import ModelFile, load_reconstructor, load_segmenter, read_model
@@ -77,10 +78,12 @@ class ModelFolder:
 
     Args:
         root: the model folder (created if missing).
+        device: where the networks are loaded (default: the first GPU where there is one).
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, device: str | None = None) -> None:
         self.root = Path(root)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._signature: tuple = ()
@@ -122,15 +125,14 @@ class ModelFolder:
         self._signature = signature
         log.info("model folder %s: serving %s", self.root, ", ".join(self._models) or "nothing")
 
-    @staticmethod
-    def _load(path: Path) -> ServedModel:
+    def _load(self, path: Path) -> ServedModel:
         model = read_model(path)
         name = served_name(model)
         if model.task == "segmentation":
-            return ServedModel(name, model, load_segmenter(model))
+            return ServedModel(name, model, load_segmenter(model).to(self.device))
         network, _ = load_reconstructor(path)
-        segmenter = load_segmenter(model) if model.task == "joint" else None
-        return ServedModel(name, model, network, segmenter)
+        segmenter = load_segmenter(model).to(self.device) if model.task == "joint" else None
+        return ServedModel(name, model, network.to(self.device), segmenter)
 
     def models(self) -> dict[str, ServedModel]:
         """Every served model by name (the folder is re-read if it changed)."""

@@ -9,6 +9,8 @@ Request parameters common to every task (``params`` of ``POST /infer/{task}``):
 * ``result_extension``: ``.nii.gz`` (default), ``.nii`` or ``.nrrd``;
 * ``batch_size``: slices per forward pass (default: the app's ``batch_size``).
 
+The networks run where the app loaded them (``--conf device``); a request's ``device`` is
+ignored, since moving shared networks per request would race with other requests.
 MONAI Label's Slicer plugin sends ``result_dtype`` (``uint8``) for every model: it is
 ignored here, since a CT in uint8 would be destroyed; reconstructions take
 ``output_dtype`` (``float32``, the default, or ``int16``).
@@ -124,7 +126,7 @@ class VolumeInferTask(InferTask):
         try:
             result = reconstruct_and_segment(hu, affine,
                                              reconstructor=(reconstructor.network, reconstructor.model) if reconstructor else None,
-                                             segmenter=segmenter, batch_size=batch_size, device=request.get("device") or None)
+                                             segmenter=segmenter, batch_size=batch_size)
         except ValueError as error:
             raise BadRequest(str(error)) from None
         params: dict[str, Any] = {
