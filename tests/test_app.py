@@ -172,6 +172,17 @@ def test_segmentation_returns_labels_with_their_names_on_the_inputs_voxels(serve
     assert params["label_names"] == {"liver": 1, "tumor": 2}
     expected = in_process(served["models"], hu, affine, None, segment=True).labels
     np.testing.assert_array_equal(np.asarray(labels.dataobj), expected)
+    # the same volume uploaded as NRRD: the same labels, on the NRRD's grid
+    upload = served["root"] / "oblique.nrrd"
+    write_nrrd(upload, hu, affine)
+    _, data, name = multipart_result(served["server"].infer("segmentation", params={"result_extension": ".nrrd"},
+                                                            upload=upload))
+    result = served["root"] / "labels.nrrd"
+    result.write_bytes(data)
+    image = sitk.ReadImage(str(result))
+    assert image.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image).transpose(2, 1, 0), expected)
+    np.testing.assert_allclose(image.GetOrigin(), sitk.ReadImage(str(upload)).GetOrigin(), atol=1e-4)
 
 
 def test_reconstruct_segment_stores_the_reconstruction_for_a_datastore_image(served):
