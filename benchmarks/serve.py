@@ -136,7 +136,7 @@ def main() -> None:
             hu, affine = body_volume(spacing)
             nib.save(nib.Nifti1Image(hu, affine), str(studies / f"volume{i}.nii"))
         server = MonaiLabelServer(studies, Path(work), conf={"models": str(args.models), "device": args.device,
-                                                             "batch_size": str(BATCH)})
+                                                             "batch_size": str(BATCH)}, threads=None)
         try:
             for i, (name, spacing) in enumerate(inputs.items()):
                 hu, affine = body_volume(spacing)

@@ -34,10 +34,10 @@ def free_port() -> int:
 
 
 class MonaiLabelServer:
-    """A running server: ``url``, ``log``, :meth:`stop`."""
+    """A running server: ``url``, ``log``, :meth:`stop` (``threads=None``: torch's default, every core)."""
 
     def __init__(self, studies: Path, workdir: Path, conf: dict[str, str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, threads: int | None = 1) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"server-{self.port}.log"
@@ -45,8 +45,10 @@ class MonaiLabelServer:
                    "--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in (conf or {}).items():
             command += ["--conf", key, str(value)]
+        # One thread by default: the tests' networks are tiny and the test process shares the cores.
+        threading = {"OMP_NUM_THREADS": str(threads)} if threads else {}
         environment = dict(os.environ, MONAI_LABEL_TRACKING_ENABLED="false", MONAI_LABEL_AUTO_UPDATE_SCORING="false",
-                           MONAI_LABEL_SESSION_PATH=str(workdir / "sessions"), OMP_NUM_THREADS="1", **(env or {}))
+                           MONAI_LABEL_SESSION_PATH=str(workdir / "sessions"), **threading, **(env or {}))
         self._log_handle = open(self.log, "w")
         self.process = subprocess.Popen(command, cwd=workdir, stdout=self._log_handle, stderr=subprocess.STDOUT,
                                         env=environment, start_new_session=True)
