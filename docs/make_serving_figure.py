@@ -54,7 +54,9 @@ def main() -> None:
     k = int(np.argmax((truth == 1).sum(axis=(0, 1))))  # the slice with the most liver
 
     def shown(image: np.ndarray) -> np.ndarray:
-        return np.rot90(image[:, :, k])  # RAS voxels: patient's right on the left, anterior up
+        # RAS voxels (i towards the patient's right, j anterior): anterior up, the patient's right on the
+        # viewer's left, as radiologists read axial slices.
+        return np.fliplr(np.rot90(image[:, :, k]))
 
     window = dict(cmap="gray", vmin=-160, vmax=240)  # abdominal window, HU
     panels = [("low-dose input", lowdose), ("Hann FBP", fbp), (f"served {params['variant']}", reconstruction),
