@@ -50,7 +50,7 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def hu_percentiles(volumes: Sequence[np.ndarray]) -> list[float]:
+def hu_percentiles(volumes: Sequence[Any]) -> list[float]:
     """The 1st, 50th and 99th percentile (HU) of every ``_SLICE_STRIDE``-th axial slice of ``volumes``."""
     samples = [np.asarray(v[:, :, ::_SLICE_STRIDE], dtype=np.float32).ravel() for v in volumes]
     return [float(p) for p in np.percentile(np.concatenate(samples), _PERCENTILES)]
@@ -81,7 +81,8 @@ def imaging_settings(dataset: SimulatedDataset, cases: Sequence[str], input_meth
     settings = dataset.settings
     spacing = [float(np.mean(dataset.cases[c]["pixel_spacing_mm"][:2])) for c in cases]
     size = int(settings["size"])
-    volumes = [np.asarray(dataset.volume(input_method, c).dataobj) for c in cases]
+    # memory-mapped proxies: hu_percentiles reads only the slices it samples
+    volumes = [dataset.volume(input_method, c).dataobj for c in cases]
     return {
         "slice_size": size,
         "pixel_spacing_mm": _span(spacing),

@@ -33,7 +33,7 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
 from lib.errors import BadRequest, NotFound
-from lib.volumes import DEFAULT_MAX_VOXELS, read_ct, read_label
+from lib.volumes import DEFAULT_MAX_VOXELS, as_output_dtype, read_ct, read_label
 from training.errors import DataError
 from training.loaders import read_volume
 
@@ -162,7 +162,7 @@ class TaskAdaptiveDatastore(LocalDatastore):
         if image_id not in self._datastore.objects:
             raise NotFound(f"unknown image id {image_id!r}")
         check_name("label tag", tag)
-        data = np.clip(np.rint(array), -32768, 32767).astype(np.int16) if dtype == "int16" else array.astype(np.float32)
+        data = as_output_dtype(array, dtype)
         destination = Path(self._datastore.label_path(tag)) / f"{image_id}.nii.gz"
 
         def write(tmp: str) -> None:

@@ -85,6 +85,19 @@ def read_label(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, nam
     return array.astype(np.uint8)
 
 
+def as_output_dtype(hu: np.ndarray, dtype: str) -> np.ndarray:
+    """HU as ``float32``, or rounded and clipped to ``int16``.
+
+    Raises:
+        BadRequest: another dtype.
+    """
+    if dtype not in OUTPUT_DTYPES:
+        raise BadRequest(f"output_dtype {dtype!r} is not supported; use one of {', '.join(OUTPUT_DTYPES)}")
+    if dtype == "int16":
+        return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+    return hu.astype(np.float32)
+
+
 def write_volume(array: np.ndarray, affine: np.ndarray, extension: str = ".nii.gz", dtype: str = "float32",
                  folder: str | None = None) -> str:
     """Write ``array`` (file order) with ``affine`` to a new temporary file; returns its path.
@@ -95,12 +108,7 @@ def write_volume(array: np.ndarray, affine: np.ndarray, extension: str = ".nii.g
     if extension not in EXTENSIONS:
         raise BadRequest(f"result_extension {extension!r} is not supported; use one of {', '.join(EXTENSIONS)}")
     if array.dtype != np.uint8:
-        if dtype not in OUTPUT_DTYPES:
-            raise BadRequest(f"output_dtype {dtype!r} is not supported; use one of {', '.join(OUTPUT_DTYPES)}")
-        if dtype == "int16":
-            array = np.clip(np.rint(array), -32768, 32767).astype(np.int16)
-        else:
-            array = array.astype(np.float32)
+        array = as_output_dtype(array, dtype)
     handle = tempfile.NamedTemporaryFile(suffix=extension, dir=folder, delete=False)
     handle.close()
     if extension == ".nrrd":
