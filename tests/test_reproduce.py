@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from training.dataset import SimulatedDataset
+from training.methods import PSNR_TOLERANCE_DB, default_variant
 from training.presets import PRESETS
 
 TACT = Path(sys.executable).with_name("tact")
@@ -116,15 +117,16 @@ def test_export_models_writes_a_model_folder_with_its_card(run, sample_cache, tm
     """`tact export-models`: the chosen models byte for byte, serving.json, and a card with the served check."""
     out, _ = run
     models = tmp_path / "model"
-    result = subprocess.run([str(TACT), "-q", "export-models", str(out), "--out", str(models), "--models",
-                             "segmentation,baseunet,ta0.5", "--data", str(tmp_path / "serve")],
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run([str(TACT), "-q", "export-models", str(out), "--out", str(models),
+                             "--data", str(tmp_path / "serve")], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("segmentation", "baseunet", "ta0.5"):
+    # by default every model the run trained, byte for byte
+    trained = ["segmentation", "baseunet", "joint0.5", "ta0.5"]
+    for name in trained:
         assert (models / f"{name}.pt").read_bytes() == (out / "models" / name / "best.pt").read_bytes()
     serving = json.loads((models / "serving.json").read_text())
     # ta0.5 is the only task-adaptive model: the default whatever its PSNR
-    assert serving["default_variant"] == "ta0.5" and serving["models"] == ["segmentation", "baseunet", "ta0.5"]
+    assert serving["default_variant"] == "ta0.5" and serving["models"] == trained
     card = (models / "MODEL_CARD.md").read_text()
     for text in ("| `segmentation.pt` | segmentation |", "| `ta0.5.pt` | reconstruction | α = 0.5 |",
                  "| served `ta0.5` |", "| Hann FBP |", "Not for clinical use"):
@@ -139,3 +141,18 @@ def test_export_models_writes_a_model_folder_with_its_card(run, sample_cache, tm
                               "segmentation,ta0.9"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "no such model file(s)" in refused.stderr and "ta0.9" in refused.stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_the_default_variant_is_the_best_task_adaptive_dice_that_stays_within_a_decibel_of_the_best_image():
+    metrics = {"baseunet": {"val_psnr": 32.0, "val_dice_volume": 0.40},
+               "ta0.01": {"val_psnr": 31.6, "val_dice_volume": 0.45},
+               "ta0.03": {"val_psnr": 31.1, "val_dice_volume": 0.47},
+               "ta0.1": {"val_psnr": 29.5, "val_dice_volume": 0.50},
+               "joint0.1": {"val_psnr": 31.9, "val_dice_volume": 0.60}}
+    assert PSNR_TOLERANCE_DB == 1.0
+    assert default_variant(metrics) == "ta0.03"  # ta0.1 is better at Dice but 2.5 dB below the best image
+    metrics["ta0.03"]["val_psnr"] = 30.9
+    assert default_variant(metrics) == "ta0.01"
+    # no task-adaptive model close enough: the one with the best Dice among them all the same
+    assert default_variant({"baseunet": {"val_psnr": 32.0}, "ta0.5": {"val_psnr": 25.0, "val_dice_volume": 0.4},
+                            "ta0.9": {"val_psnr": 15.0, "val_dice_volume": 0.5}}) == "ta0.9"

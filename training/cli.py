@@ -18,16 +18,13 @@ from pathlib import Path
 from typing import NoReturn
 
 from training.errors import DataError, OptionError
+from training.methods import PSNR_TOLERANCE_DB, default_variant
 from training.physics import DEFAULT_HANN_SCALING, PHOTONS_PER_BIN
 
 log = logging.getLogger("training")
 
 APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "taskadaptive_ct"
 """The MONAI Label app of this repository."""
-PSNR_TOLERANCE_DB = 3.0
-"""`export-models` picks as default the best-Dice task-adaptive model within this of the best validation PSNR."""
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with the package's error format and a ``-q`` accepted at every level.
 
@@ -220,8 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="configuration overrides, e.g. epochs=20 network.features=16 batch_size=4")
 
     p = commands.add_parser("reproduce", help="the paper's whole experiment: data -> simulation -> baselines -> all trainings -> report")
-    p.add_argument("--preset", choices=("smoke", "cpu", "paper"), default="cpu",
-                   help="smoke: CI-sized; cpu: 128 px, narrow U-Nets, about 30 min on 2 cores; paper: the paper's settings, for GPUs (default: %(default)s)")
+    p.add_argument("--preset", choices=("smoke", "cpu", "demo-models", "paper"), default="cpu",
+                   help="smoke: CI-sized; cpu: 128 px, narrow U-Nets, about 30 min on 2 cores; demo-models: the cpu preset with "
+                        "the Base U-Net and small alphas, for `tact export-models`; paper: the paper's settings, for GPUs "
+                        "(default: %(default)s)")
     p.add_argument("--lits", type=Path, default=None, help="LiTS-format folder (default: synthetic phantoms plus the real sample)")
     p.add_argument("--out", required=True, type=Path, help="run folder; finished stages are skipped when re-run")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes for simulation, baselines, evaluation (default: every core)")
@@ -234,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export-models", help="copy models of a `tact reproduce` run into the app's model folder, with a model card")
     p.add_argument("run", type=Path, help="the run folder of `tact reproduce`")
     p.add_argument("--out", type=Path, default=APP_DIR / "model", help="model folder (default: %(default)s)")
-    p.add_argument("--models", type=_methods, default=["segmentation", "baseunet", "ta0.1", "ta0.5"],
-                   help="comma-separated models of the run (default: segmentation,baseunet,ta0.1,ta0.5)")
+    p.add_argument("--models", type=_methods, default=None,
+                   help="comma-separated models of the run, e.g. segmentation,baseunet,ta0.1 (default: every model "
+                        "the run trained)")
     p.add_argument("--default", default=None,
                    help="the variant served when a request names none (default: the task-adaptive model with the best "
                         f"validation Dice among those within {PSNR_TOLERANCE_DB:g} dB of the best validation PSNR)")
@@ -470,6 +470,9 @@ def _export_models(args: argparse.Namespace, progress: bool) -> int:
     from training.checkpoints import read_model
     from training.model_card import export_models
 
+    given = args.models
+    if args.models is None:
+        args.models = trained_models(args.run)
     reconstructors = [m for m in args.models if m != "segmentation"]
     if not reconstructors or "segmentation" not in args.models:
         raise OptionError("--models", "give the segmentation model and at least one reconstructor")
@@ -480,7 +483,8 @@ def _export_models(args: argparse.Namespace, progress: bool) -> int:
     default = args.default
     if default is None:
         default = default_variant({m: read_model(files[m]).metrics for m in reconstructors})
-    command = f"tact export-models {args.run} --out {args.out} --models {','.join(args.models)} --default {default}"
+    command = f"tact export-models {args.run} --out {args.out}" + (f" --models {','.join(given)}" if given else "") + (
+        f" --default {args.default}" if args.default else "")
     result = export_models(args.run, args.out, args.models, default, args.data, command=command, progress=progress)
     quality = result["quality"]
     print(f"{args.out}: {', '.join(args.models)}; default variant {default}")
@@ -490,14 +494,12 @@ def _export_models(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
-def default_variant(metrics: dict[str, dict[str, float]]) -> str:
-    """The task-adaptive model with the best validation Dice among those whose validation PSNR
-    is within ``PSNR_TOLERANCE_DB`` of the best one: task adaptation, while the images stay CT."""
-    best_psnr = max(m.get("val_psnr", -math.inf) for m in metrics.values())
-    adaptive = {name: m for name, m in metrics.items() if name.startswith("ta")}
-    close = {name: m for name, m in adaptive.items() if m.get("val_psnr", -math.inf) >= best_psnr - PSNR_TOLERANCE_DB}
-    pool = close or adaptive or metrics
-    return max(pool, key=lambda name: pool[name].get("val_dice_volume", -math.inf))
+def trained_models(run: Path) -> list[str]:
+    """The models a ``tact reproduce`` run has trained (``models/<name>/best.pt``): g first, then the reconstructors."""
+    names = sorted(path.parent.name for path in (run / "models").glob("*/best.pt"))
+    if not names:
+        raise DataError(run, "holds no trained model (models/<name>/best.pt); run `tact reproduce` first")
+    return sorted(names, key=lambda name: (name != "segmentation", name != "baseunet", name))
 
 
 def _serve(args: argparse.Namespace, progress: bool) -> int:

@@ -91,3 +91,19 @@ def check_trained_method_name(method: str) -> None:
     if _trained_weight(method) is None:
         raise ValueError(f"method name {method!r} is not one the evaluation can label; use {BASE_UNET}, "
                          "ta<alpha> (e.g. ta0.5) or joint<C> (e.g. joint0.9)")
+
+
+PSNR_TOLERANCE_DB = 1.0
+"""The default served variant is the best-Dice task-adaptive model within this of the best validation PSNR
+(:func:`default_variant`): the served default must stay a CT image about as good as the Base U-Net's, not
+trade the image for the Dice."""
+
+
+def default_variant(metrics: dict[str, dict[str, float]]) -> str:
+    """The task-adaptive model with the best validation Dice among those whose validation PSNR
+    is within ``PSNR_TOLERANCE_DB`` of the best one: task adaptation, while the images stay CT."""
+    best_psnr = max(m.get("val_psnr", -math.inf) for m in metrics.values())
+    adaptive = {name: m for name, m in metrics.items() if name.startswith("ta")}
+    close = {name: m for name, m in adaptive.items() if m.get("val_psnr", -math.inf) >= best_psnr - PSNR_TOLERANCE_DB}
+    pool = close or adaptive or metrics
+    return max(pool, key=lambda name: pool[name].get("val_dice_volume", -math.inf))

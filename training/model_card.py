@@ -29,7 +29,7 @@ from training.errors import DataError
 from training.fileio import atomic_path, save_json
 from training.inference import reconstruct_and_segment
 from training.metrics import dice_counts, dice_from_counts, roi_psnr_ssim
-from training.methods import method_label, method_name
+from training.methods import PSNR_TOLERANCE_DB, method_label, method_name
 from training.physics import MU_MAX, hu_to_mu
 from training.volume import LABEL_LIVER
 
@@ -143,26 +143,44 @@ def export_models(run: str | Path, out: str | Path, names: list[str], default_va
     if not (run / "report" / "metrics.csv").is_file():
         raise DataError(run / "report", "no metrics.csv: run `tact reproduce` to the end first")
     dataset = SimulatedDataset(run / "dataset")
+    previous = [name for name in read_serving(out).get("models", []) if name not in names]
+    foreign = sorted(p.name for p in out.glob("*.pt") if p.stem not in names and p.stem not in previous)
+    if foreign:
+        raise DataError(out, f"holds model files that no export wrote ({', '.join(foreign)}); the app would serve "
+                             "them beside the exported ones: move them away or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     for name, source in files.items():
         with atomic_path(out / f"{name}.pt") as tmp:
             shutil.copyfile(source, tmp)
-    save_json(out / SERVING_FILE, {"default_variant": default_variant, "exported_from": str(run.resolve()),
-                                   "models": names})
+    save_json(out / SERVING_FILE, {"default_variant": default_variant, "exported_from": str(run), "models": names})
+    for name in previous:  # a model of an earlier export, trained with another g: no longer served
+        (out / f"{name}.pt").unlink(missing_ok=True)
     from training.serving import SAMPLE_CASE, prepare_studies
 
-    studies = prepare_studies(out, demo_data, progress=progress)
-    quality = served_quality(SimulatedDataset(studies.parent), SAMPLE_CASE, out / f"{default_variant}.pt",
-                             out / "segmentation.pt")
-    card = model_card(dataset, {n: out / f"{n}.pt" for n in names}, _test_metrics(run), quality, default_variant, command)
+    studies = SimulatedDataset(prepare_studies(out, demo_data, progress=progress).parent)
+    qualities = [served_quality(studies, SAMPLE_CASE, out / f"{name}.pt", out / "segmentation.pt")
+                 for name in [default_variant] + [n for n in names if n not in ("segmentation", default_variant)]]
+    card = model_card(dataset, {n: out / f"{n}.pt" for n in names}, _test_metrics(run), qualities, default_variant,
+                      command, _training_command(run))
     with atomic_path(out / CARD_FILE) as tmp:
         tmp.write_text(card)
-    return {"models": names, "default_variant": default_variant, "quality": asdict(quality)}
+    return {"models": names, "default_variant": default_variant, "quality": asdict(qualities[0])}
+
+
+def _training_command(run: Path) -> str:
+    """The ``tact reproduce`` command that trained a run's models, from its cost record ("" when unknown)."""
+    record = run / "cost.json"
+    preset = json.loads(record.read_text()).get("preset") if record.is_file() else None
+    return f"tact reproduce --preset {preset} --out {run}" if preset else ""
 
 
 def model_card(dataset: SimulatedDataset, models: dict[str, Path], test: dict[str, dict[str, float]],
-               quality: ServedQuality, default_variant: str, command: str) -> str:
-    """The model card (Markdown) of an exported model folder."""
+               qualities: list[ServedQuality], default_variant: str, command: str, training_command: str = "") -> str:
+    """The model card (Markdown) of an exported model folder.
+
+    ``qualities``: :func:`served_quality` on the real sample, the default variant's first.
+    """
+    quality = qualities[0]
     settings = dataset.settings
     segmenter = read_model(models["segmentation"])
     imaging = segmenter.imaging or {}
@@ -173,7 +191,9 @@ def model_card(dataset: SimulatedDataset, models: dict[str, Path], test: dict[st
         "Small models for trying the app, trained on CPU. **Not for clinical use**: they were trained on "
         "simulated low-dose scans of synthetic phantom patients and checked on one real patient.",
         "",
-        f"Produced by: `{command}`" if command else "",
+        f"Trained by: `{training_command}`" if training_command else "",
+        "",
+        f"Exported by: `{command}`" if command else "",
         "",
         "## Data",
         "",
@@ -216,6 +236,9 @@ def model_card(dataset: SimulatedDataset, models: dict[str, Path], test: dict[st
         "slices; Dice of this g per volume).",
         "",
         f"Default variant: `{default_variant}` ({method_label(default_variant)}), served when a request names none.",
+        "Unless the export names one, it is the task-adaptive model with the best validation Dice per volume among "
+        f"those whose validation PSNR is within {PSNR_TOLERANCE_DB:g} dB of the best one: task adaptation that keeps "
+        "a CT image.",
         "",
         f"## Served on the real sample ({quality.slices} slices)",
         "",
@@ -225,7 +248,8 @@ def model_card(dataset: SimulatedDataset, models: dict[str, Path], test: dict[st
         "",
         "| | PSNR (dB, disc) | g's liver Dice (per volume) |",
         "|---|---|---|",
-        f"| served `{quality.variant}` | {quality.psnr_served:.2f} | {quality.liver_dice_served:.3f} |",
+        *[f"| served `{q.variant}`{' (default)' if q.variant == default_variant else ''} | {q.psnr_served:.2f} | "
+          f"{q.liver_dice_served:.3f} |" for q in qualities],
         f"| Hann FBP | {quality.psnr_fbp:.2f} | {quality.liver_dice_fbp:.3f} |",
         "",
         "## Limits",

@@ -26,7 +26,7 @@ from torch import nn
 
 from training.checkpoints import ModelFile, load_reconstructor, load_segmenter, read_model
 from training.errors import DataError
-from training.methods import method_name
+from training.methods import default_variant, method_name
 
 log = logging.getLogger(__name__)
 
@@ -151,17 +151,16 @@ class ModelFolder:
     def default_variant(self, preferred: str | None = None) -> str | None:
         """The reconstructor served when a request names none.
 
-        ``preferred`` (the app's ``variant`` setting) when it is served; otherwise the
-        task-adaptive model with the best validation Dice (per volume), then any
-        reconstructor by name.
+        ``preferred`` (the app's ``variant`` setting, or ``serving.json``'s) when it is
+        served; otherwise the one ``tact export-models`` would choose
+        (:func:`training.methods.default_variant`: the best validation Dice among the
+        task-adaptive models within ``PSNR_TOLERANCE_DB`` of the best validation PSNR).
         """
         reconstructors = self.reconstructors()
         if preferred and preferred in reconstructors:
             return preferred
         if preferred:
             log.warning("the configured default variant %r is not in %s; choosing another", preferred, self.root)
-        adaptive = [m for m in reconstructors.values() if m.kind == "reconstruction" and m.model.weight > 0]
-        scored = [m for m in adaptive if "val_dice_volume" in m.model.metrics]
-        if scored:
-            return max(scored, key=lambda m: m.model.metrics["val_dice_volume"]).name
-        return sorted(reconstructors)[0] if reconstructors else None
+        if not reconstructors:
+            return None
+        return default_variant({name: served.model.metrics for name, served in sorted(reconstructors.items())})
