@@ -117,6 +117,10 @@ def test_export_models_writes_a_model_folder_with_its_card(run, sample_cache, tm
     """`tact export-models`: the chosen models byte for byte, serving.json, and a card with the served check."""
     out, _ = run
     models = tmp_path / "model"
+    # an earlier export's model, trained with another g: no longer served after this export
+    models.mkdir()
+    (models / "ta0.9.pt").write_bytes((out / "models" / "ta0.5" / "best.pt").read_bytes())
+    (models / "serving.json").write_text(json.dumps({"default_variant": "ta0.9", "models": ["segmentation", "ta0.9"]}))
     result = subprocess.run([str(TACT), "-q", "export-models", str(out), "--out", str(models),
                              "--data", str(tmp_path / "serve")], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -124,12 +128,13 @@ def test_export_models_writes_a_model_folder_with_its_card(run, sample_cache, tm
     trained = ["segmentation", "baseunet", "joint0.5", "ta0.5"]
     for name in trained:
         assert (models / f"{name}.pt").read_bytes() == (out / "models" / name / "best.pt").read_bytes()
+    assert sorted(p.stem for p in models.glob("*.pt")) == sorted(trained)
     serving = json.loads((models / "serving.json").read_text())
     # ta0.5 is the only task-adaptive model: the default whatever its PSNR
     assert serving["default_variant"] == "ta0.5" and serving["models"] == trained
     card = (models / "MODEL_CARD.md").read_text()
     for text in ("| `segmentation.pt` | segmentation |", "| `ta0.5.pt` | reconstruction | α = 0.5 |",
-                 "| served `ta0.5` |", "| Hann FBP |", "Not for clinical use"):
+                 "| served `ta0.5` (default) |", "| served `baseunet` |", "| served `joint0.5` |", "| Hann FBP |", "Not for clinical use"):
         assert text in card, text
     assert f"served on the real sample (3)" in result.stdout
     # the demo studies were simulated at the models' settings, the sample a test patient
@@ -141,6 +146,14 @@ def test_export_models_writes_a_model_folder_with_its_card(run, sample_cache, tm
                               "segmentation,ta0.9"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "no such model file(s)" in refused.stderr and "ta0.9" in refused.stderr
     assert not (tmp_path / "other").exists()
+    # a model file that no export wrote is never overwritten or served beside the export: refused
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "mine.pt").write_bytes(b"a user's model")
+    refused = subprocess.run([str(TACT), "export-models", str(out), "--out", str(foreign)], capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and "holds model files that no export wrote (mine.pt)" in refused.stderr
+    assert [p.name for p in foreign.iterdir()] == ["mine.pt"]
 
 
 def test_the_default_variant_is_the_best_task_adaptive_dice_that_stays_within_a_decibel_of_the_best_image():
