@@ -196,7 +196,15 @@ def test_reconstruct_segment_stores_the_reconstruction_for_a_datastore_image(ser
     volume = nifti_from_bytes(stored.content)
     np.testing.assert_allclose(volume.affine, hu_affine[1], atol=1e-5)
     np.testing.assert_allclose(np.asarray(volume.dataobj), expected.reconstruction_hu, atol=1e-3)
-    assert (served["studies"] / "labels" / "reconstruction_ta0.5" / "oblique.nii.gz").is_file()
+    stored_files = served["studies"] / "labels" / "reconstruction_ta0.5"
+    assert [p.name for p in stored_files.glob("oblique.*")] == ["oblique.nii"]  # float32: uncompressed
+    # the same request in int16 replaces it (gzip-compressed): one stored reconstruction per image and variant
+    params, _, _ = multipart_result(server.infer("reconstruct_segment", "oblique", {"variant": "ta0.5",
+                                                                                    "output_dtype": "int16"}))
+    assert [p.name for p in stored_files.glob("oblique.*")] == ["oblique.nii.gz"]
+    volume = nifti_from_bytes(requests.get(server.url + params["reconstruction"]["url"], timeout=30).content)
+    assert volume.get_data_dtype() == np.int16
+    np.testing.assert_allclose(np.asarray(volume.dataobj), expected.reconstruction_hu, atol=0.5 + 1e-3)
 
 
 def test_reconstruct_segment_of_an_upload_returns_the_reconstruction_in_the_reply(served, tmp_path):

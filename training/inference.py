@@ -350,7 +350,7 @@ def reconstruct_and_segment(
         run_on = _network_device(network, device)
         probabilities = _run_slices(network, images, batch_size, run_on, lambda logits: logits.float().softmax(1),
                                     progress, done, total)
-        result.labels = grid.from_model(probabilities).argmax(axis=-1).astype(np.uint8)
+        result.labels = grid.labels_from_model(probabilities)
         result.uncertainty = mean_entropy(probabilities, body)
     return result
 
