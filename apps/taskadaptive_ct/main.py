@@ -9,8 +9,9 @@ Settings (``--conf KEY VALUE``):
 * ``models``: the model folder (default ``<app>/model``; a ``tact reproduce`` run's
   ``models/`` works as it is);
 * ``variant``: the reconstructor served when a request names none (default: the one the
-  model folder's ``serving.json`` names, else the task-adaptive model with the best
-  validation Dice);
+  model folder's ``serving.json`` names, else the one ``tact export-models`` would choose:
+  the task-adaptive model with the best validation Dice within 1 dB of the best validation
+  PSNR);
 * ``device``: where the networks run (default: the first GPU where there is one, else the CPU);
 * ``batch_size``: slices per forward pass (default 8);
 * ``max_voxels``: the largest volume accepted (default 512 x 512 x 1200);
