@@ -24,39 +24,10 @@ import requests
 import SimpleITK as sitk
 import torch
 
-from app_server import APP, MonaiLabelServer, multipart_result, nifti_from_bytes
+from app_server import APP, NET, SPACING, MonaiLabelServer, imaging, multipart_result, nifti_from_bytes, write_models
 from training.checkpoints import load_reconstructor, load_segmenter, read_model, save_model
 from training.inference import reconstruct_and_segment
-from training.networks import UNetConfig, build_reconstruction_net, build_segmentation_net
-
-NET = UNetConfig(features=4, depth=2)
-SPACING = (1.5, 2.5)
-
-
-def imaging(spacing: tuple[float, float] = SPACING) -> dict:
-    return {"slice_size": 32, "pixel_spacing_mm": {"min": spacing[0], "median": sum(spacing) / 2, "max": spacing[1]},
-            "field_of_view_mm": {"min": 32 * spacing[0], "median": 32 * sum(spacing) / 2, "max": 32 * spacing[1]},
-            "domain": "physical", "projector_field_of_view_mm": {"min": 48.0, "median": 64.0, "max": 80.0},
-            "photons": 1024.0, "angles": 64, "input": "lowdose", "input_hu_percentiles": [-1000.0, -40.0, 250.0],
-            "data": {"dataset": "/data/set", "fingerprint": "f" * 64, "cases": ["1", "2"], "sources": {}}}
-
-
-def write_models(folder: Path) -> dict[str, Path]:
-    """g, a task-adaptive f (flat file), a Base U-Net (run folder layout) and a joint model."""
-    torch.manual_seed(0)
-    paths = {"segmentation": folder / "segmentation.pt", "ta0.5": folder / "ta0.5.pt",
-             "baseunet": folder / "baseunet" / "best.pt", "joint0.5": folder / "joint0.5" / "best.pt"}
-    save_model(paths["segmentation"], "segmentation", 0.0, NET, {"segmenter": build_segmentation_net(NET)}, 4,
-               {"val_dice_volume": 0.61}, imaging=imaging() | {"input": "fulldose"})
-    save_model(paths["ta0.5"], "reconstruction", 0.5, NET, {"reconstructor": build_reconstruction_net(NET)}, 5,
-               {"val_dice_volume": 0.66, "val_psnr": 29.0}, imaging=imaging())
-    save_model(paths["baseunet"], "reconstruction", 0.0, NET, {"reconstructor": build_reconstruction_net(NET)}, 6,
-               {"val_psnr": 31.0}, imaging=imaging())
-    save_model(paths["joint0.5"], "joint", 0.5, NET, {"reconstructor": build_reconstruction_net(NET),
-                                                    "segmenter": build_segmentation_net(NET)}, 2,
-               {"val_dice_volume": 0.4}, imaging=imaging())
-    return paths
-
+from training.networks import build_reconstruction_net, build_segmentation_net
 
 def body(shape: tuple[int, int, int], seed: int) -> np.ndarray:
     """A noisy HU volume: air, a soft-tissue body, a brighter off-centre organ."""
