@@ -32,6 +32,7 @@ from TaskAdaptiveCTLib import (ConnectionFailed, MalformedReply, ReconstructSegm
                                slice_axis, submit_correction, write_volume)
 from TaskAdaptiveCTLib.job import CANCELLED, DONE, FAILED  # noqa: E402
 from TaskAdaptiveCTLib.segments import segments_from_labels  # noqa: E402
+from TaskAdaptiveCTLib.status import job_outcome, remember_url, training_text  # noqa: E402
 
 
 def rotation(axis, degrees: float) -> np.ndarray:
@@ -138,6 +139,17 @@ def test_segments_keep_their_names_and_values_and_a_tumour_inside_the_liver_stay
     assert image_id_for("CT low dose (1)") == "CT_low_dose_1"
 
 
+def test_recent_urls_and_training_status_lines():
+    recent = remember_url(["http://a:8000", "http://b:8000"], " http://b:8000/ ")
+    assert recent == ["http://b:8000", "http://a:8000"]
+    assert len(remember_url([f"http://h{i}:1" for i in range(20)], "http://new:1")) == 8
+    assert remember_url(recent, "  ") == recent
+    assert training_text({"status": "NONE", "details": []}) == (False, "No training has run on this server since it started.")
+    running, text = training_text({"status": "RUNNING", "details": ["epoch 1/4 ...", "epoch 2/4 loss 0.31"]})
+    assert running and text == "Training running: epoch 2/4 loss 0.31"
+    assert training_text({"status": "DONE", "details": []}) == (False, "Training done")
+
+
 # ---------------------------------------------------------------------------- against the real server
 
 
@@ -161,6 +173,7 @@ def test_reconstruct_segment_in_slabs_of_an_oblique_volume_lands_on_the_inputs_v
     assert job.state == DONE and result.variant == "ta0.5"
     assert [p.done for p in seen] == [3, 6, 7] and seen[0].remaining is not None and seen[-1].remaining == 0
     assert seen[-1].text().startswith("7/7 slices in")
+    assert job_outcome(job).startswith("Done: 7/7 slices in") and "with ta0.5" in job_outcome(job)
     for output in (result.reconstruction, result.labels):
         assert output.array.shape == volume.array.shape
         np.testing.assert_array_equal(output.ijk_to_ras, volume.ijk_to_ras)  # the input's matrix, exactly
@@ -193,6 +206,7 @@ def test_cancel_midway_stops_between_slabs_and_gives_no_result(served):
     assert job.step() is False and job.state == CANCELLED and job.done_slices == 2
     with pytest.raises(RuntimeError, match="cancelled"):
         job.result
+    assert job_outcome(job) == "Cancelled after 2 of 6 slices; nothing was added to the scene."
 
 
 def test_a_refused_connection_and_a_silent_server_are_clear_errors():
@@ -218,6 +232,7 @@ def test_server_errors_reach_the_user_as_the_servers_message(served, tmp_path):
     assert caught.value.status == 404
     assert "unknown variant 'ta0.7'; this server has baseunet, joint0.5, ta0.5" in str(caught.value)
     assert job.state == FAILED and job.error == str(caught.value) and job.step() is False
+    assert job_outcome(job) == f"Failed: {caught.value}"
     # a volume that is not CT: the server's reason, not a traceback
     bad = write_volume(Volume(np.full((2, 24, 24), 0.5, dtype=np.float32), np.eye(4)), tmp_path / "normalised.nrrd")
     with pytest.raises(RequestFailed, match="the server answered 4") as caught:

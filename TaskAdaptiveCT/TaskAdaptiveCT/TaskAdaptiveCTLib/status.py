@@ -1,0 +1,53 @@
+"""Small decisions of the module's GUI, kept here so that they are tested: recent server URLs,
+what a training status means, and what a finished job tells the user."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from TaskAdaptiveCTLib.job import CANCELLED, DONE, FAILED, ReconstructSegmentJob
+
+MAX_RECENT_URLS = 8
+DEFAULT_URL = "http://127.0.0.1:8000"
+TRAINING_ACTIVE = ("RUNNING", "QUEUED", "SUBMITTED")
+
+
+def remember_url(recent: list[str], url: str, limit: int = MAX_RECENT_URLS) -> list[str]:
+    """``recent`` with ``url`` first (once, without a trailing slash), at most ``limit`` entries."""
+    url = url.strip().rstrip("/")
+    if not url:
+        return list(recent)[:limit]
+    return [url] + [u for u in recent if u.rstrip("/") != url][: limit - 1]
+
+
+def training_text(status: dict[str, Any]) -> tuple[bool, str]:
+    """(whether a training runs, one line for the status label) from ``GET /train/``.
+
+    The last log line the server reports (one per epoch) is shown while it runs.
+    """
+    state = str(status.get("status", "NONE")).upper()
+    details = status.get("details") or []
+    last = str(details[-1]).strip() if details else ""
+    if state == "NONE":
+        return False, "No training has run on this server since it started."
+    running = state in TRAINING_ACTIVE
+    line = f"Training {state.lower()}"
+    if last:
+        line += f": {last[-160:]}"
+    return running, line
+
+
+def job_outcome(job: ReconstructSegmentJob) -> str:
+    """What to tell the user when a Reconstruct & Segment job has ended."""
+    progress = job.progress
+    if job.state == DONE:
+        result = job.result
+        text = f"Done: {progress.text()} with {result.variant or 'the default variant'}."
+        if result.warnings:
+            text += " Server warnings: " + " ".join(result.warnings)
+        return text
+    if job.state == CANCELLED:
+        return f"Cancelled after {job.done_slices} of {job.total_slices} slices; nothing was added to the scene."
+    if job.state == FAILED:
+        return f"Failed: {job.error}"
+    return progress.text()
