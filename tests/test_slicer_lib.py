@@ -32,7 +32,7 @@ from TaskAdaptiveCTLib import (ConnectionFailed, MalformedReply, ReconstructSegm
                                slice_axis, submit_correction, write_volume)
 from TaskAdaptiveCTLib.job import CANCELLED, DONE, FAILED  # noqa: E402
 from TaskAdaptiveCTLib.segments import segments_from_labels  # noqa: E402
-from TaskAdaptiveCTLib.status import job_outcome, remember_url, training_text  # noqa: E402
+from TaskAdaptiveCTLib.status import job_outcome, recent_urls, remember_url, training_text  # noqa: E402
 
 
 def rotation(axis, degrees: float) -> np.ndarray:
@@ -144,6 +144,9 @@ def test_recent_urls_and_training_status_lines():
     assert recent == ["http://b:8000", "http://a:8000"]
     assert len(remember_url([f"http://h{i}:1" for i in range(20)], "http://new:1")) == 8
     assert remember_url(recent, "  ") == recent
+    # Qt settings give back None, one string or a list
+    assert recent_urls(None) == ["http://127.0.0.1:8000"] and recent_urls("http://a:1/") == ["http://a:1"]
+    assert recent_urls(["http://a:1", " ", "http://b:2"]) == ["http://a:1", "http://b:2"]
     assert training_text({"status": "NONE", "details": []}) == (False, "No training has run on this server since it started.")
     running, text = training_text({"status": "RUNNING", "details": ["epoch 1/4 ...", "epoch 2/4 loss 0.31"]})
     assert running and text == "Training running: epoch 2/4 loss 0.31"

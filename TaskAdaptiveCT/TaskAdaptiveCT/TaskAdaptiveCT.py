@@ -28,7 +28,7 @@ import TaskAdaptiveCTNodes as nodes
 from TaskAdaptiveCTLib import (ReconstructSegmentJob, ServerError, TaskAdaptiveClient, Volume, image_id_for,
                                submit_correction)
 from TaskAdaptiveCTLib.job import DONE, RUNNING
-from TaskAdaptiveCTLib.status import DEFAULT_URL, job_outcome, remember_url, training_text
+from TaskAdaptiveCTLib.status import DEFAULT_URL, job_outcome, recent_urls, remember_url, training_text
 
 RECENT_URLS_KEY = "TaskAdaptiveCT/recentServerUrls"
 ABDOMEN_WINDOW = (400.0, 40.0)
@@ -104,8 +104,7 @@ class TaskAdaptiveCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = TaskAdaptiveCTLogic()
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
 
-        recent = list(qt.QSettings().value(RECENT_URLS_KEY) or [DEFAULT_URL])
-        self.ui.serverUrlComboBox.addItems(recent)
+        self.ui.serverUrlComboBox.addItems(recent_urls(qt.QSettings().value(RECENT_URLS_KEY)))
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)

@@ -12,6 +12,14 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 TRAINING_ACTIVE = ("RUNNING", "QUEUED", "SUBMITTED")
 
 
+def recent_urls(stored: Any) -> list[str]:
+    """The recent URLs as settings return them (None, one string, or a list), never empty."""
+    if isinstance(stored, str):
+        stored = [stored]
+    urls = [str(u).strip().rstrip("/") for u in (stored or []) if str(u).strip()]
+    return urls[:MAX_RECENT_URLS] or [DEFAULT_URL]
+
+
 def remember_url(recent: list[str], url: str, limit: int = MAX_RECENT_URLS) -> list[str]:
     """``recent`` with ``url`` first (once, without a trailing slash), at most ``limit`` entries."""
     url = url.strip().rstrip("/")
