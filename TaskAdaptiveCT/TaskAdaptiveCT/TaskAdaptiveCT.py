@@ -179,6 +179,14 @@ class TaskAdaptiveCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.serverUrl = client.url
         return client
 
+    def _clientOrError(self) -> TaskAdaptiveClient | None:
+        """The client for the URL in the box, or None after telling the user what is wrong with the URL."""
+        try:
+            return self._client()
+        except ValueError as error:
+            slicer.util.errorDisplay(str(error), windowTitle="TaskAdaptiveCT")
+            return None
+
     def _inBackground(self, call: Callable[[], Any], then: Callable[[Any], None], what: str) -> None:
         """Run ``call`` on a worker thread; ``then(result)`` runs on the GUI thread when it is done."""
         self._pending.append((self._executor.submit(call), then, what))
@@ -212,10 +220,8 @@ class TaskAdaptiveCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ server
 
     def onTestConnection(self) -> None:
-        try:
-            client = self._client()
-        except ValueError as error:
-            slicer.util.errorDisplay(str(error), windowTitle="TaskAdaptiveCT")
+        client = self._clientOrError()
+        if client is None:
             return
         self.ui.serverStatusLabel.text = f"Connecting to {client.url} ..."
         self._inBackground(client.models, self._showModels, "Test connection")
@@ -314,20 +320,16 @@ class TaskAdaptiveCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             f"; {counted} correction(s) counted toward retraining" if counted is not None else "") + "."
 
     def onTrain(self, task: str) -> None:
-        try:
-            client = self._client()
-        except ValueError as error:
-            slicer.util.errorDisplay(str(error), windowTitle="TaskAdaptiveCT")
+        client = self._clientOrError()
+        if client is None:
             return
         options = {"alpha": round(float(self.ui.alphaSlider.value), 6)} if task == "reconstruction" else {}
         self._inBackground(lambda: client.train(task, options), lambda reply: self._trainingTimer.start(), f"Train {task}")
         self.ui.trainingStatusLabel.text = f"Starting {task} training ..."
 
     def onStopTraining(self) -> None:
-        try:
-            client = self._client()
-        except ValueError as error:
-            slicer.util.errorDisplay(str(error), windowTitle="TaskAdaptiveCT")
+        client = self._clientOrError()
+        if client is None:
             return
         self._inBackground(client.stop_training, lambda reply: self.onPollTraining(), "Stop training")
 
