@@ -117,6 +117,11 @@ def test_a_slab_keeps_every_voxel_in_its_place_and_slabs_follow_the_axis_closest
     np.testing.assert_allclose(piece.ijk_to_ras @ [1, 2, 3, 1], volume.ijk_to_ras @ [5, 2, 3, 1], atol=1e-12)
     with pytest.raises(ValueError, match="outside"):
         slab(volume, 2, 8, 11)
+    # a sheared matrix is refused before anything is written or sent
+    sheared = np.diag([2.0, 2.0, 3.0, 1.0])
+    sheared[0, 1] = 0.4
+    with pytest.raises(ValueError, match="not perpendicular"):
+        Volume(np.zeros((2, 3, 4)), sheared)
 
 
 def test_segments_keep_their_names_and_values_and_a_tumour_inside_the_liver_stays_tumour():

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+ORTHOGONALITY_TOLERANCE = 1e-4
+"""Largest cosine between two voxel axes of a volume: ITK and NIfTI need perpendicular axes."""
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """Slicer's RAS world to ITK's LPS world (and back: the matrix is its own inverse)."""
 
@@ -46,6 +48,10 @@ class Volume:
             raise ValueError(f"ijk_to_ras must be a finite 4 x 4 matrix, got {matrix.tolist()}")
         if not np.allclose(matrix[3], [0, 0, 0, 1]) or abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
             raise ValueError(f"ijk_to_ras must be an invertible affine matrix, got {matrix.tolist()}")
+        directions = matrix[:3, :3] / np.linalg.norm(matrix[:3, :3], axis=0)
+        if np.abs(directions.T @ directions - np.eye(3)).max() > ORTHOGONALITY_TOLERANCE:
+            raise ValueError("the volume's voxel axes are not perpendicular (a sheared IJK -> RAS matrix); NIfTI, "
+                             "NRRD readers and the server need perpendicular axes: resample the volume first")
         object.__setattr__(self, "array", array)
         object.__setattr__(self, "ijk_to_ras", matrix)
 
