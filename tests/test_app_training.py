@@ -8,6 +8,7 @@ but run the project's engine in MONAI Label's train subprocess, as a site would.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import requests
 import torch
 from monailabel.client import MONAILabelClient
 
-from app_server import MonaiLabelServer, multipart_result, nifti_from_bytes
+from app_server import ROOT, MonaiLabelServer, multipart_result, nifti_from_bytes
 from training.checkpoints import load_reconstructor, read_model, save_model
 from training.dataset import SimulatedDataset
 from training.inference import reconstruct_and_segment
@@ -26,6 +27,10 @@ from training.networks import UNetConfig, build_segmentation_net
 from training.phantom import write_phantom_dataset
 from training.provenance import imaging_settings
 from training.simulate import SimulationSettings, simulate_dataset
+
+sys.path.insert(0, str(ROOT / "TaskAdaptiveCT" / "TaskAdaptiveCT"))
+from TaskAdaptiveCTLib import RequestFailed, TaskAdaptiveClient  # noqa: E402
+from TaskAdaptiveCTLib.status import training_text  # noqa: E402
 
 NET = UNetConfig(features=4, depth=2)
 SHORT = {"epochs": 2, "batch_size": 4}
@@ -134,22 +139,27 @@ def test_reconstruction_training_publishes_a_model_that_the_next_request_uses(tr
 
 
 def test_a_stopped_training_leaves_the_served_models_untouched(trained):
+    """Started, followed and stopped through the Slicer module's client (TaskAdaptiveCTLib), as the module does."""
     server, models, _ = trained
+    client = TaskAdaptiveClient(server.url)
     before = {p.name: p.read_bytes() for p in models.iterdir()}
-    started = requests.post(f"{server.url}/train/segmentation", json={"epochs": 500, "batch_size": 2}, timeout=30)
-    assert started.status_code == 200, started.text
+    client.train("segmentation", {"epochs": 500, "batch_size": 2})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        status = requests.get(f"{server.url}/train/", timeout=30).json()
+        status = client.train_status()
         if status["status"] == "RUNNING" and any("epoch 1/500" in line for line in status.get("details", [])):
             break
         time.sleep(1)
     else:
         raise AssertionError(f"training did not reach its first epoch:\n{server.tail()}")
-    stopped = requests.delete(f"{server.url}/train/", timeout=30)
-    assert stopped.status_code == 200 and stopped.json()["status"] == "STOPPED"
+    running, line = training_text(status)
+    assert running and line.startswith("Training running: ") and "epoch" in line
+    with pytest.raises(RequestFailed) as refused:  # one training at a time, said by the server
+        client.train("reconstruction", {"alpha": 0.5})
+    assert refused.value.status == 429
+    assert client.stop_training()["status"] == "STOPPED"
     time.sleep(2)
-    assert requests.get(f"{server.url}/train/", timeout=30).json()["status"] == "STOPPED"
+    assert client.train_status()["status"] == "STOPPED" and training_text(client.train_status())[0] is False
     assert {p.name: p.read_bytes() for p in models.iterdir()} == before
     assert server.info()["name"] == "TaskAdaptiveCT"
 

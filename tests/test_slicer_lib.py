@@ -156,6 +156,15 @@ def test_recent_urls_and_training_status_lines():
     running, text = training_text({"status": "RUNNING", "details": ["epoch 1/4 ...", "epoch 2/4 loss 0.31"]})
     assert running and text == "Training running: epoch 2/4 loss 0.31"
     assert training_text({"status": "DONE", "details": []}) == (False, "Training done")
+    # the server's log lines: the engine's last epoch line, without the logging prefix
+    log = ["[2026-12-02 06:50:58,101] [13768] [MainThread] [INFO] (training.engine:567) - epoch 1/500: loss 0.9; "
+           "val_dice_volume 0.1 (0.2 s)",
+           "[2026-12-02 06:50:59,301] [13768] [MainThread] [INFO] (ignite.engine.engine.SupervisedTrainer:1142) - "
+           "Epoch[2] Complete. Time taken: 00:00:00.145"]
+    assert training_text({"status": "RUNNING", "details": log}) == (
+        True, "Training running: epoch 1/500: loss 0.9; val_dice_volume 0.1 (0.2 s)")
+    assert training_text({"status": "ERROR", "details": log[1:]}) == (
+        False, "Training error: Epoch[2] Complete. Time taken: 00:00:00.145")
 
 
 # ---------------------------------------------------------------------------- against the real server

@@ -3,6 +3,7 @@ what a training status means, and what a finished job tells the user."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from TaskAdaptiveCTLib.job import CANCELLED, DONE, FAILED, ReconstructSegmentJob
@@ -28,14 +29,21 @@ def remember_url(recent: list[str], url: str, limit: int = MAX_RECENT_URLS) -> l
     return [url] + [u for u in recent if u.rstrip("/") != url][: limit - 1]
 
 
+_LOG_PREFIX = re.compile(r"^(\[[^\]]*\]\s*)+(\([^)]*\)\s*)?-\s*")
+"""``[time] [pid] [thread] [LEVEL] (logger:line) - `` before a server log message."""
+_EPOCH_LINE = re.compile(r"\bepoch \d+/\d+")
+
+
 def training_text(status: dict[str, Any]) -> tuple[bool, str]:
     """(whether a training runs, one line for the status label) from ``GET /train/``.
 
-    The last log line the server reports (one per epoch) is shown while it runs.
+    Shows the engine's last ``epoch N/M`` line (the log's other lines are ignite's and
+    MONAI Label's), without the logging prefix; else the last line.
     """
     state = str(status.get("status", "NONE")).upper()
-    details = status.get("details") or []
-    last = str(details[-1]).strip() if details else ""
+    details = [_LOG_PREFIX.sub("", str(line)).strip() for line in status.get("details") or []]
+    epochs = [line for line in details if _EPOCH_LINE.search(line)]
+    last = (epochs or details or [""])[-1]
     if state == "NONE":
         return False, "No training has run on this server since it started."
     running = state in TRAINING_ACTIVE
