@@ -143,13 +143,14 @@ def test_a_stopped_training_leaves_the_served_models_untouched(trained):
     server, models, _ = trained
     client = TaskAdaptiveClient(server.url)
     before = {p.name: p.read_bytes() for p in models.iterdir()}
-    client.train("segmentation", {"epochs": 500, "batch_size": 2})
+    # epochs of these tiny networks take about 0.1 s: no early stop, so that it still runs when stopped
+    client.train("segmentation", {"epochs": 500, "batch_size": 2, "early_stopping_patience": 500})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         status = client.train_status()
         if status["status"] == "RUNNING" and any("epoch 1/500" in line for line in status.get("details", [])):
             break
-        time.sleep(1)
+        time.sleep(0.25)
     else:
         raise AssertionError(f"training did not reach its first epoch:\n{server.tail()}")
     running, line = training_text(status)
