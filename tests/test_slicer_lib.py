@@ -224,6 +224,10 @@ def test_cancel_midway_stops_between_slabs_and_gives_no_result(served):
     with pytest.raises(RuntimeError, match="cancelled"):
         job.result
     assert job_outcome(job) == "Cancelled after 2 of 6 slices; nothing was added to the scene."
+    # a job cancelled before it started sends nothing
+    never = ReconstructSegmentJob(TaskAdaptiveClient(served["server"].url), volume)
+    never.cancel()
+    assert never.state == CANCELLED and never.step() is False and never.done_slices == 0
 
 
 def test_a_refused_connection_and_a_silent_server_are_clear_errors():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
+import threading
 import time
 import types
 import xml.etree.ElementTree as ElementTree
@@ -245,7 +246,7 @@ def fire_until(widget, condition, seconds: float = 120.0) -> None:
         time.sleep(0.02)
 
 
-def test_the_widget_reconstructs_segments_cancels_and_submits_through_the_real_server(gui, server):
+def test_the_widget_reconstructs_segments_cancels_and_submits_through_the_real_server(gui, server, monkeypatch):
     nodes, scene, recorded = gui.nodes, gui.scene, gui.recorded
     widget = gui.module.TaskAdaptiveCTWidget()
     widget.setup()
@@ -291,14 +292,31 @@ def test_the_widget_reconstructs_segments_cancels_and_submits_through_the_real_s
     assert recorded["layers"][-1]["background"] is reconstruction and recorded["layers"][-1]["foreground"] is volume_node
     assert ("setSegmentationNode", segmentation) in ui.segmentEditorWidget.calls
 
-    # Cancel after the first slab: nothing new in the scene, and the user is told so
+    # Cancel during the second slab: that slab is answered, no third is sent, nothing new in the scene.
+    # The second request waits at a gate until the test has clicked Cancel, so the click lands mid-job.
     volumes_before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    client_class, sent, gate = gui.module.TaskAdaptiveClient, [], threading.Event()
+    original = client_class.infer_file
+
+    def gated(self, *args, **kwargs):
+        sent.append(args)
+        if len(sent) == 2:
+            assert gate.wait(60), "the test never clicked Cancel"
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(client_class, "infer_file", gated)
     widget._parameterNode.slabSlices = 1
     widget.onApplyOrCancel()
-    fire_until(widget, lambda: widget._job.done_slices >= 1)
+    fire_until(widget, lambda: len(sent) == 2)
     widget.onApplyOrCancel()  # the Cancel button
+    assert ui.applyButton.enabled is False and ui.applyButton.text == "Cancel"  # until the slab in flight is back
+    widget._timer.timeout.emit()
+    assert ui.progressLabel.text == "Cancelling after the current slab ..."
+    gate.set()
     fire_until(widget, lambda: widget._job is None)
-    assert ui.progressLabel.text.startswith("Cancelled after ") and "nothing was added" in ui.progressLabel.text
+    monkeypatch.undo()
+    assert len(sent) == 2 and ui.applyButton.enabled and ui.applyButton.text == "Reconstruct && Segment"
+    assert ui.progressLabel.text == "Cancelled after 2 of 5 slices; nothing was added to the scene."
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes_before
 
     # a correction: the organ as liver, sent in the background, the server's answer shown

@@ -164,8 +164,9 @@ class TaskAdaptiveCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateButtons(self, caller=None, event=None) -> None:
         running = self._job is not None and not self._job.finished
+        cancelling = running and self._job.cancel_requested
         ready = bool(self._parameterNode and self._parameterNode.inputVolume)
-        self.ui.applyButton.enabled = running or ready
+        self.ui.applyButton.enabled = (running and not cancelling) or (ready and not running)
         self.ui.applyButton.text = "Cancel" if running else "Reconstruct && Segment"
         self.ui.submitCorrectionButton.enabled = bool(ready and self._parameterNode.segmentation) and not running
 
@@ -197,7 +198,8 @@ class TaskAdaptiveCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None and self._jobFuture is not None:
             progress = self._job.progress
             self.ui.progressBar.value = int(round(100 * progress.fraction))
-            self.ui.progressLabel.text = progress.text()
+            self.ui.progressLabel.text = ("Cancelling after the current slab ..." if self._job.cancel_requested
+                                          else progress.text())
             if self._jobFuture.done():
                 self._jobFinished()
         still = []
@@ -245,9 +247,10 @@ class TaskAdaptiveCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ reconstruct & segment
 
     def onApplyOrCancel(self) -> None:
-        if self._job is not None and not self._job.finished:
-            self._job.cancel()
-            self.ui.progressLabel.text = "Cancelling after the current slab ..."
+        if self._jobFuture is not None:  # running, or ended and about to be applied by the timer
+            if not self._job.finished:
+                self._job.cancel()
+                self._updateButtons()
             return
         try:
             client = self._client()

@@ -15,6 +15,7 @@ only compared with it (within :data:`GEOMETRY_TOLERANCE_MM`), never copied.
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ class ReconstructSegmentJob:
         self.slabs = [(start, min(start + slab_slices, count)) for start in range(0, count, slab_slices)]
         self.state = PENDING
         self.error: str | None = None
+        self._cancel = threading.Event()
         self._next = 0
         self._started: float | None = None
         self._finished: float | None = None
@@ -139,10 +141,23 @@ class ReconstructSegmentJob:
         return Progress(done, self.total_slices, elapsed, remaining)
 
     def cancel(self) -> None:
-        """Stop before the next slab (a slab already sent is not interrupted)."""
-        if not self.finished:
-            self.state = CANCELLED
-            self._finished = self.clock()
+        """Stop before the next slab; a slab already sent is answered first.
+
+        Safe to call from another thread than the one running :meth:`step` (the GUI's, while
+        a worker runs the job): it only raises a flag, which ``step`` reads before and after
+        each slab. A job that has not started is cancelled at once.
+        """
+        self._cancel.set()
+        if self.state == PENDING:
+            self._end(CANCELLED)
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def _end(self, state: str) -> None:
+        self.state = state
+        self._finished = self.clock()
 
     # ------------------------------------------------------------------ work
 
@@ -154,6 +169,9 @@ class ReconstructSegmentJob:
         """
         if self.finished:
             return False
+        if self._cancel.is_set():
+            self._end(CANCELLED)
+            return False
         if self._started is None:
             self._started = self.clock()
         self.state = RUNNING
@@ -162,17 +180,16 @@ class ReconstructSegmentJob:
         try:
             reply = self._send(piece)
         except ServerError as error:
-            self.state, self.error = FAILED, str(error)
-            self._finished = self.clock()
+            self.error = str(error)
+            self._end(FAILED)
             raise
         index = [slice(None)] * 3
         index[self.axis] = slice(start, stop)
         self._reconstruction[tuple(index)] = reply[0]
         self._labels[tuple(index)] = reply[1]
         self._next += 1
-        if self._next == len(self.slabs):
-            self.state = DONE
-            self._finished = self.clock()
+        if self._next == len(self.slabs):  # complete, even if a cancel came during the last slab
+            self._end(DONE)
             return False
         return True
 
