@@ -15,6 +15,7 @@ import hashlib
 import json
 import sys
 import threading
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -425,3 +426,34 @@ def test_task_uncertainty_ranks_a_deliberately_ambiguous_image_first(model_folde
     # an image a clinician has corrected is not proposed again
     datastore.save_label("ambiguous", str(studies / "ambiguous.nii"), "final", {"corrected": True})
     assert strategy({}, datastore)["id"] != "ambiguous"
+
+
+def test_a_stop_waits_until_a_just_submitted_training_has_a_process(model_folder_module):
+    """MONAI Label stops a training by killing its process; a task still SUBMITTED has none (lib.guards)."""
+    import asyncio
+
+    import lib.guards as guards
+    from monailabel.utils.async_tasks.utils import background_tasks
+
+    task = {"id": "t", "status": "SUBMITTED"}
+    saved = background_tasks.get("train")
+    background_tasks["train"] = [task]
+    try:
+        async def start_later() -> float:
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.3, task.update, {"status": "RUNNING"})
+            began = loop.time()
+            await guards._until_train_task_started(timeout=5.0)
+            return loop.time() - began
+
+        waited = asyncio.run(start_later())
+        assert 0.3 <= waited < 1.0
+        task["status"] = "SUBMITTED"  # one that never starts: the stop goes ahead after the timeout
+        began = time.monotonic()
+        asyncio.run(guards._until_train_task_started(timeout=0.2))
+        assert 0.2 <= time.monotonic() - began < 1.0
+    finally:
+        if saved is None:
+            background_tasks.pop("train", None)
+        else:
+            background_tasks["train"] = saved

@@ -5,12 +5,18 @@ subprocess, which then reads the options: a bad option (an alpha of 2, an unknow
 would only show as an ERROR in ``GET /train/`` a minute later. The app therefore looks at
 that one request, once the server has started (:meth:`TaskAdaptiveCTApp.server_mode`): the
 body is checked with the train task's own ``validate`` and a bad request is answered at
-once with 404 or 422 and a message, without starting anything. Every other request
-passes through untouched.
+once with 404 or 422 and a message, without starting anything.
+
+``DELETE /train/`` has the opposite gap: MONAI Label stops a training by killing its
+process, and a task submitted a moment ago has none yet, so a stop sent right after the
+start was silently ignored and the training ran on. The stop is therefore held (up to
+:data:`STOP_WAIT_SECONDS`) until the newest train task has left ``SUBMITTED``. Every
+other request passes through untouched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -22,6 +28,22 @@ from starlette.responses import JSONResponse
 log = logging.getLogger(__name__)
 
 TRAIN_PATH = re.compile(r"^/train/(?P<model>[^/]+)/?$")
+STOP_PATH = re.compile(r"^/train/?$")
+STOP_WAIT_SECONDS = 30.0
+"""How long a stop waits for a just-submitted training to have a process to stop."""
+
+
+async def _until_train_task_started(timeout: float = STOP_WAIT_SECONDS) -> None:
+    """Return once MONAI Label's newest train task is no longer ``SUBMITTED`` (or after ``timeout``)."""
+    from monailabel.utils.async_tasks.utils import background_tasks
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        tasks = background_tasks.get("train") or []
+        if not tasks or tasks[-1].get("status") != "SUBMITTED":
+            return
+        await asyncio.sleep(0.05)
+    log.warning("the submitted training has not started within %.0f s; stopping what runs", timeout)
 
 
 def guard_train_route(api: Any, check: Callable[[str, dict], tuple[int, str] | None]) -> None:
@@ -39,7 +61,12 @@ def guard_train_route(api: Any, check: Callable[[str, dict], tuple[int, str] | N
 
 def _guarded(app: Callable, check: Callable[[str, dict], tuple[int, str] | None]) -> Callable:
     async def asgi(scope: dict, receive: Callable, send: Callable) -> None:
-        match = TRAIN_PATH.match(scope.get("path", "")) if scope.get("type") == "http" else None
+        http = scope.get("type") == "http"
+        if http and scope.get("method") == "DELETE" and STOP_PATH.match(scope.get("path", "")):
+            await _until_train_task_started()
+            await app(scope, receive, send)
+            return
+        match = TRAIN_PATH.match(scope.get("path", "")) if http else None
         if match is None or scope.get("method") != "POST":
             await app(scope, receive, send)
             return
