@@ -389,3 +389,39 @@ def test_validation_dice_of_g_equals_the_evaluation_of_its_model_file(data, segm
         assert model.metrics[f"val_dice_{convention}"] == pytest.approx(np.nanmean(mean), abs=1e-6), convention
         assert model.metrics[f"val_dice_{convention}_liver"] == pytest.approx(np.nanmean(per_class[:, 0]), abs=1e-6)
     assert read_summary(segmenter.parent).selection["metric"] == "val_dice_volume"
+
+
+def test_a_warm_start_begins_from_the_weights_it_names_and_refuses_other_files(data, segmenter, tmp_path):
+    """``--init`` (init_checkpoint): f starts as the named run's f, the run records the file, other files are refused."""
+    from dataclasses import replace
+
+    from training.engine import TrainingTask
+
+    tact("train", "reconstruction", "--dataset", str(data), "--out", str(tmp_path / "base"), "epochs=1", *TINY)
+    base = tmp_path / "base" / "best.pt"
+    config = load_config(overrides=["task=reconstruction", "weight=0.5", *TINY, f"segmenter_checkpoint={str(segmenter)!r}",
+                                    f"init_checkpoint={str(base)!r}"])
+    warm = TrainingTask(config, torch.device("cpu")).objective.network.state_dict()
+    _assert_same_weights(warm, _weights(base, "reconstructor"))
+    cold = TrainingTask(replace(config, init_checkpoint=None), torch.device("cpu")).objective.network.state_dict()
+    assert any(not torch.equal(cold[k], warm[k]) for k in warm if "weight" in k), "without --init f starts elsewhere"
+
+    run = tmp_path / "warm"
+    tact("train", "reconstruction", "--alpha", "0.5", "--segmenter", str(segmenter), "--init", str(base),
+         "--dataset", str(data), "--out", str(run), "epochs=1", *TINY)
+    inputs = json.loads((run / "inputs.json").read_text())
+    assert inputs["init"] == {"path": str(base.resolve()), "sha256": hashlib.sha256(base.read_bytes()).hexdigest()}
+    assert read_model(run / "best.pt").weight == 0.5
+
+    notes = tmp_path / "notes.pt"
+    notes.write_text("not weights")
+    for task, flags, overrides, message in [
+        ("reconstruction", ["--init", str(segmenter)], [], "without a reconstruction network"),
+        ("reconstruction", ["--init", str(base)], ["network.features=8"], "the reconstruction network was trained with features=4"),
+        ("reconstruction", ["--init", str(notes)], [], "not a TaskAdaptiveCT model file"),
+        ("segmentation", [], [f"init_checkpoint={str(base)!r}"], "init_checkpoint (--init) starts a reconstruction network f"),
+    ]:
+        result = tact("train", task, *flags, "--dataset", str(data), "--out", str(tmp_path / "refused"), *TINY, *overrides,
+                      check=False)
+        assert result.returncode == 2 and message in result.stderr, (flags, result.stderr)
+        assert not (tmp_path / "refused").exists(), "nothing is written before the input is checked"

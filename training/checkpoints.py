@@ -164,16 +164,24 @@ def load_segmenter(path: str | Path | ModelFile, expected: UNetConfig | None = N
     return _load(model, SEGMENTER, build_segmentation_net(model.network)).eval()
 
 
-def load_reconstructor(path: str | Path) -> tuple[nn.Module, ModelFile]:
+def load_reconstructor(path: str | Path, expected: UNetConfig | None = None) -> tuple[nn.Module, ModelFile]:
     """The reconstruction network f (eval mode) and its model file's description.
 
+    Args:
+        path: a ``reconstruction`` or ``joint`` model file.
+        expected: the architecture the caller will use f with; a different one is refused.
+
     Raises:
-        DataError: the file holds no reconstruction network.
+        DataError: the file holds no reconstruction network, or not one of ``expected``'s shape.
     """
     model = read_model(path)
     if RECONSTRUCTOR not in model.state:
         raise DataError(model.path, f"holds a {model.task!r} model without a reconstruction network; "
                                     "give the best.pt of `tact train reconstruction` or `tact train joint`")
+    if expected is not None and model.network != expected:
+        raise DataError(model.path, f"the reconstruction network was trained with {_describe(model.network)}, "
+                                    f"but this run's network is {_describe(expected)}; use a matching checkpoint "
+                                    "or set network.* to match it")
     return _load(model, RECONSTRUCTOR, build_reconstruction_net(model.network)).eval(), model
 
 

@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (rec, joint):
         sub.add_argument("--segmenter", type=Path, default=None,
                          help="best.pt of `tact train segmentation` (required for alpha > 0; for joint: g's starting point)")
+        sub.add_argument("--init", type=Path, default=None,
+                         help="warm start: the best.pt of a reconstruction run (e.g. the Base U-Net's) whose f this "
+                              "run starts from")
     for sub in (seg, rec, joint):
         sub.add_argument("--dataset", required=True, type=Path, help="data set folder from `tact simulate`")
         sub.add_argument("--out", required=True, type=Path, help="run folder (an unfinished run there is resumed)")
@@ -407,6 +410,8 @@ def _train(args: argparse.Namespace, progress: bool) -> int:
         overrides.append(f"weight={weight!r}")
     if getattr(args, "segmenter", None) is not None:
         overrides.append(f"segmenter_checkpoint={str(args.segmenter)!r}")
+    if getattr(args, "init", None) is not None:
+        overrides.append(f"init_checkpoint={str(args.init)!r}")
     config = load_config(args.config, overrides)
     summary = train(config, args.dataset, args.out, device=args.device, progress=progress)
     print(f"{args.out}: {summary.epochs} epoch(s){' (early stop)' if summary.stopped_early else ''}, best epoch "

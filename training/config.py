@@ -55,6 +55,8 @@ class TrainingConfig:
         amp: mixed precision where CUDA is available (always off on CPU).
         channels_last: channels-last memory format where CUDA is available.
         segmenter_checkpoint: the pre-trained g for ``reconstruction`` and ``joint``.
+        init_checkpoint: a model file whose f starts this ``reconstruction`` or ``joint``
+            run (a warm start, e.g. from a Base U-Net's ``best.pt``) instead of random weights.
     """
 
     task: str = "reconstruction"
@@ -74,6 +76,7 @@ class TrainingConfig:
     amp: bool = True
     channels_last: bool = True
     segmenter_checkpoint: str | None = None
+    init_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

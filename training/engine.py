@@ -63,7 +63,7 @@ from monai.utils import set_determinism
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from training.checkpoints import RECONSTRUCTOR, SEGMENTER, load_segmenter, save_model
+from training.checkpoints import RECONSTRUCTOR, SEGMENTER, load_reconstructor, load_segmenter, save_model
 from training.config import ConfigError, TrainingConfig, load_config, save_config
 from training.dataset import FULLDOSE, LOWDOSE, SimulatedDataset
 from training.errors import DataError
@@ -173,11 +173,16 @@ class TrainingTask:
         elif config.task == "reconstruction" and config.weight > 0:
             raise ConfigError(f"alpha = {config.weight:g} needs the pre-trained segmentation network: "
                               "pass --segmenter (segmenter_checkpoint) the best.pt of `tact train segmentation`")
+        if config.task == "segmentation" and config.init_checkpoint is not None:
+            raise ConfigError("init_checkpoint (--init) starts a reconstruction network f; segmentation training "
+                              "has none")
         if config.task == "segmentation":
             network, loss, monitor = build_segmentation_net(config.network), dice_loss(), True
             self.input_method = FULLDOSE
         else:
             network = build_reconstruction_net(config.network)
+            if config.init_checkpoint is not None:  # warm start: f begins where another run's f ended
+                network = load_reconstructor(config.init_checkpoint, expected=config.network)[0]
             g = segmenter or build_segmentation_net(config.network)
             loss = joint_loss(g, config.weight) if config.task == "joint" else task_adaptive_loss(g, config.weight)
             # The Base U-Net without a checkpoint has no meaningful g to monitor with.
@@ -642,12 +647,17 @@ def read_summary(run: str | Path) -> TrainingSummary | None:
     return TrainingSummary(**{f.name: saved[f.name] for f in fields(TrainingSummary) if f.name in saved})
 
 
+MODEL_INPUTS = {"segmenter_checkpoint": "segmenter", "init_checkpoint": "init"}
+"""Model files a run reads, by config key and ``inputs.json`` name: a resume refuses a changed one."""
+
+
 def run_inputs(config: TrainingConfig, dataset: SimulatedDataset) -> dict[str, Any]:
-    """What a run trains on, as ``inputs.json`` records it: the data set and the segmenter file."""
+    """What a run trains on, as ``inputs.json`` records it: the data set, the segmenter and warm-start files."""
     inputs: dict[str, Any] = {"dataset": {"path": str(dataset.root.resolve()), "fingerprint": dataset_fingerprint(dataset)}}
-    if config.segmenter_checkpoint is not None and Path(config.segmenter_checkpoint).is_file():
-        segmenter = Path(config.segmenter_checkpoint)
-        inputs["segmenter"] = {"path": str(segmenter.resolve()), "sha256": file_sha256(segmenter)}
+    for key, name in MODEL_INPUTS.items():
+        path = getattr(config, key)
+        if path is not None and Path(path).is_file():
+            inputs[name] = {"path": str(Path(path).resolve()), "sha256": file_sha256(Path(path))}
     return inputs
 
 
@@ -673,10 +683,12 @@ def check_run_folder(run: Path, config: TrainingConfig, inputs: dict[str, Any] |
                                      "use a new --out, or that data set to resume")
     if old["path"] != new["path"]:
         log.info("%s: the data set moved from %s to %s (same manifest fingerprint)", run, old["path"], new["path"])
-    old_g, new_g = recorded.get("segmenter"), inputs.get("segmenter")
-    if old_g is not None and new_g is not None and old_g["sha256"] != new_g["sha256"]:
-        raise DataError(new_g["path"], f"has changed since the run in {run} started (sha256 {old_g['sha256'][:12]} then, "
-                                       f"{new_g['sha256'][:12]} now); use a new --out, or restore the file to resume")
+    for name in MODEL_INPUTS.values():
+        old_file, new_file = recorded.get(name), inputs.get(name)
+        if old_file is not None and new_file is not None and old_file["sha256"] != new_file["sha256"]:
+            raise DataError(new_file["path"], f"has changed since the run in {run} started (sha256 "
+                                              f"{old_file['sha256'][:12]} then, {new_file['sha256'][:12]} now); use a "
+                                              "new --out, or restore the file to resume")
 
 
 def train(
