@@ -475,24 +475,22 @@ def _export_models(args: argparse.Namespace, progress: bool) -> int:
     from training.checkpoints import read_model
     from training.model_card import export_models
 
-    given = args.models
-    if args.models is None:
-        args.models = trained_models(args.run)
-    reconstructors = [m for m in args.models if m != "segmentation"]
-    if not reconstructors or "segmentation" not in args.models:
+    models = args.models or trained_models(args.run)
+    reconstructors = [m for m in models if m != "segmentation"]
+    if not reconstructors or "segmentation" not in models:
         raise OptionError("--models", "give the segmentation model and at least one reconstructor")
-    files = {m: args.run / "models" / m / "best.pt" for m in args.models}
+    files = {m: args.run / "models" / m / "best.pt" for m in models}
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
         raise DataError(args.run, f"no such model file(s): {', '.join(missing)}; run `tact reproduce` to the end first")
     default = args.default
     if default is None:
         default = default_variant({m: read_model(files[m]).metrics for m in reconstructors})
-    command = f"tact export-models {args.run} --out {args.out}" + (f" --models {','.join(given)}" if given else "") + (
-        f" --default {args.default}" if args.default else "")
-    result = export_models(args.run, args.out, args.models, default, args.data, command=command, progress=progress)
+    command = (f"tact export-models {args.run} --out {args.out}" + (f" --models {','.join(args.models)}" if args.models else "")
+               + (f" --default {args.default}" if args.default else ""))
+    result = export_models(args.run, args.out, models, default, args.data, command=command, progress=progress)
     quality = result["quality"]
-    print(f"{args.out}: {', '.join(args.models)}; default variant {default}")
+    print(f"{args.out}: {', '.join(models)}; default variant {default}")
     print(f"served on the real sample ({quality['case']}): PSNR {quality['psnr_served']:.2f} dB (FBP "
           f"{quality['psnr_fbp']:.2f}), g's liver Dice {quality['liver_dice_served']:.3f} (on the FBP "
           f"{quality['liver_dice_fbp']:.3f}); model card: {args.out / 'MODEL_CARD.md'}")

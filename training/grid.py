@@ -49,6 +49,15 @@ def in_plane_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     return float(canonical[0]), float(canonical[1]), float(canonical[2])
 
 
+def canonical_shape(shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int, int]:
+    """The shape of a volume in canonical RAS+ voxel order: ``[:2]`` are the sides of its slices closest to axial."""
+    order = io_orientation(np.asarray(affine, dtype=float))[:, 0].astype(int)  # voxel axis -> canonical axis
+    canonical = [0, 0, 0]
+    for axis, target in enumerate(order):
+        canonical[target] = shape[axis]
+    return tuple(canonical)  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class ModelGrid:
     """How a volume of a given shape and affine maps to a model's slices.
@@ -85,11 +94,7 @@ class ModelGrid:
 
     @property
     def canonical_shape(self) -> tuple[int, int, int]:
-        order = self.orientation[:, 0].astype(int)
-        shape = [0, 0, 0]
-        for axis, target in enumerate(order):
-            shape[target] = self.shape[axis]
-        return tuple(shape)  # type: ignore[return-value]
+        return canonical_shape(self.shape, self.affine)
 
     @property
     def source_spacing_mm(self) -> tuple[float, float]:

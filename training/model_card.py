@@ -59,34 +59,45 @@ def _liver_dice(prediction: np.ndarray, reference: np.ndarray) -> float:
     return float(dice_from_counts(counts, absent=float("nan"))[0])
 
 
-def served_quality(dataset: SimulatedDataset, case: str, reconstructor: str | Path, segmenter: str | Path,
-                   batch_size: int = 8) -> ServedQuality:
-    """g(f(low dose)) and f(low dose) against g(FBP) and the FBP, for one case of a data set.
+def served_quality(dataset: SimulatedDataset, case: str, reconstructors: list[str | Path], segmenter: str | Path,
+                   batch_size: int = 8) -> list[ServedQuality]:
+    """g(f(low dose)) and f(low dose) against g(FBP) and the FBP, for one case and each reconstructor.
 
     Args:
         dataset: a simulated data set holding the case, its full dose, labels and FBP.
         case: the patient.
-        reconstructor: f's model file; segmenter: g's (a joint f is segmented by its own g).
+        reconstructors: f's model files; segmenter: g's (a joint f is segmented by its own g).
 
     Returns:
-        mean PSNR over the case's slices (disc ROI, normalised attenuation) and the per-volume
-        liver Dice of g, for the served reconstruction and for the FBP.
+        per reconstructor, in order: mean PSNR over the case's slices (disc ROI, normalised
+        attenuation) and the per-volume liver Dice of g, for the served reconstruction and
+        for the FBP (scored once per g).
     """
-    f = load_reconstructor(reconstructor)
-    g_file = reconstructor if f[1].task == "joint" else segmenter
-    g = (load_segmenter(g_file), read_model(g_file))
     lowdose, fbp = dataset.volume(LOWDOSE, case), dataset.volume("fbp", case)
-    served = reconstruct_and_segment(np.asarray(lowdose.dataobj), lowdose.affine, reconstructor=f, segmenter=g,
-                                     batch_size=batch_size)
-    on_fbp = reconstruct_and_segment(np.asarray(fbp.dataobj), fbp.affine, segmenter=g, batch_size=batch_size)
     refs = [SliceRef(case, k) for k in range(dataset.cases[case]["num_slices"])]
     reference = np.stack([dataset.slice(FULLDOSE, r) for r in refs], axis=-1)
     labels = np.stack([dataset.segmentation(r) for r in refs], axis=-1)
-    served_x, fbp_x = _normalised(served.reconstruction_hu), _normalised(np.asarray(fbp.dataobj))
-    psnr_served = float(np.mean([roi_psnr_ssim(served_x[:, :, k], reference[:, :, k])[0] for k in range(len(refs))]))
-    psnr_fbp = float(np.mean([roi_psnr_ssim(fbp_x[:, :, k], reference[:, :, k])[0] for k in range(len(refs))]))
-    return ServedQuality(case, method_name(f[1].task, f[1].weight), len(refs), psnr_served, psnr_fbp,
-                         _liver_dice(served.labels, labels), _liver_dice(on_fbp.labels, labels))
+
+    def mean_psnr(hu: np.ndarray) -> float:
+        x = _normalised(hu)
+        return float(np.mean([roi_psnr_ssim(x[:, :, k], reference[:, :, k])[0] for k in range(len(refs))]))
+
+    psnr_fbp = mean_psnr(np.asarray(fbp.dataobj))
+    fbp_dice: dict[Path, float] = {}  # g's file -> its liver Dice on the FBP
+    qualities = []
+    for reconstructor in reconstructors:
+        f = load_reconstructor(reconstructor)
+        g_file = Path(reconstructor if f[1].task == "joint" else segmenter)
+        g = (load_segmenter(g_file), read_model(g_file))
+        served = reconstruct_and_segment(np.asarray(lowdose.dataobj), lowdose.affine, reconstructor=f, segmenter=g,
+                                         batch_size=batch_size)
+        if g_file not in fbp_dice:
+            on_fbp = reconstruct_and_segment(np.asarray(fbp.dataobj), fbp.affine, segmenter=g, batch_size=batch_size)
+            fbp_dice[g_file] = _liver_dice(on_fbp.labels, labels)
+        qualities.append(ServedQuality(case, method_name(f[1].task, f[1].weight), len(refs),
+                                       mean_psnr(served.reconstruction_hu), psnr_fbp,
+                                       _liver_dice(served.labels, labels), fbp_dice[g_file]))
+    return qualities
 
 
 def _test_metrics(run: Path) -> dict[str, dict[str, float]]:
@@ -158,8 +169,8 @@ def export_models(run: str | Path, out: str | Path, names: list[str], default_va
     from training.serving import SAMPLE_CASE, prepare_studies
 
     studies = SimulatedDataset(prepare_studies(out, demo_data, progress=progress).parent)
-    qualities = [served_quality(studies, SAMPLE_CASE, out / f"{name}.pt", out / "segmentation.pt")
-                 for name in [default_variant] + [n for n in names if n not in ("segmentation", default_variant)]]
+    order = [default_variant] + [n for n in names if n not in ("segmentation", default_variant)]
+    qualities = served_quality(studies, SAMPLE_CASE, [out / f"{name}.pt" for name in order], out / "segmentation.pt")
     card = model_card(dataset, {n: out / f"{n}.pt" for n in names}, _test_metrics(run), qualities, default_variant,
                       command, _training_command(run))
     with atomic_path(out / CARD_FILE) as tmp:

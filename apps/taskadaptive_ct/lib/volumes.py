@@ -18,10 +18,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from nibabel.orientations import io_orientation
 
 from lib.errors import BadRequest
 from training.errors import DataError
+from training.grid import canonical_shape
 from training.loaders import checked_hu, read_volume
 
 MIN_SIDE = 16
@@ -48,7 +48,7 @@ def read_ct(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS, name: str | 
             raise DataError(path, f"array is {array.ndim}-D (shape {array.shape}); a 3-D volume is expected")
         if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
             raise DataError(path, f"the voxel-to-world transform is not invertible ({np.round(affine, 4).tolist()})")
-        sides = in_plane_sides(array.shape, affine)
+        sides = canonical_shape(array.shape, affine)[:2]
         if min(sides) < MIN_SIDE:
             raise DataError(path, f"a volume of {array.shape} voxels is too small: its slices closest to axial are "
                                   f"{sides[0]} x {sides[1]} pixels, and need at least {MIN_SIDE} x {MIN_SIDE}")
@@ -58,13 +58,6 @@ def read_ct(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS, name: str | 
     except DataError as error:
         raise BadRequest(f"{shown}: {error.problem}") from None
     return hu, np.asarray(affine, dtype=np.float64)
-
-
-def in_plane_sides(shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int]:
-    """Pixels of the slices the networks see (those closest to axial), for a volume of any voxel order."""
-    order = io_orientation(np.asarray(affine, dtype=float))[:, 0].astype(int)  # voxel axis -> RAS axis
-    sides = {int(target): shape[axis] for axis, target in enumerate(order)}
-    return sides[0], sides[1]
 
 
 def read_label(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, name: str,
