@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.losses import joint_loss, task_adaptive_loss
+from training.losses import LossScales, joint_loss, task_adaptive_loss, term_scales
 from training.networks import NUM_CLASSES, UNetConfig, build_reconstruction_net, build_segmentation_net
 
 TINY = UNetConfig(features=4, depth=2)
@@ -126,3 +126,85 @@ def test_per_slice_terms_average_to_the_batch_loss():
         base = task_adaptive_loss(g, 0.0)
         assert "dice_loss" not in base.terms(reconstruction, full_dose, labels)  # no segmentation pass
         torch.testing.assert_close(base.terms(reconstruction, full_dose, labels, with_dice=True)["dice_loss"].mean(), dice)
+
+
+class _Rescaled(torch.nn.Module):
+    """``factor * network(x / divisor)``: the same network in other image units."""
+
+    def __init__(self, network: torch.nn.Module, factor: float = 1.0, divisor: float = 1.0) -> None:
+        super().__init__()
+        self.network, self.factor, self.divisor = network, factor, divisor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.factor * self.network(x / self.divisor)
+
+
+def test_the_normalised_loss_of_terms_that_differ_by_a_constant_factor_is_the_same():
+    """Images in k-times larger units make the MSE term k**2 times larger; normalised, loss and gradients stay the same."""
+    torch.manual_seed(0)
+    f, g = build_reconstruction_net(TINY), build_segmentation_net(TINY)
+    low_dose, full_dose, labels = _batch()
+    results = {}
+    for k in (1.0, 30.0):
+        scaled_f = _Rescaled(f, factor=k)
+        loss = task_adaptive_loss(_Rescaled(g, divisor=k), alpha=0.3)  # g sees the same images as before
+        batches = [(low_dose, k * full_dose, labels)]
+        scales = term_scales(scaled_f, loss, batches)
+        scaled_f.eval()  # batch-norm statistics fixed: both units see the same f
+        plain = float(loss(scaled_f(low_dose), k * full_dose, labels))
+        loss.scales = scales
+        f.zero_grad()
+        normalised = loss(scaled_f(low_dose), k * full_dose, labels)
+        normalised.backward()
+        results[k] = (scales, plain, float(normalised), [p.grad.clone() for p in f.parameters()])
+    (scales_1, plain_1, normalised_1, grads_1), (scales_k, plain_k, normalised_k, grads_k) = results[1.0], results[30.0]
+    assert scales_k.mse == pytest.approx(900.0 * scales_1.mse, rel=1e-5)
+    assert scales_k.dice_loss == pytest.approx(scales_1.dice_loss, rel=1e-6)
+    assert plain_k > 2 * plain_1, "the plain loss does depend on the MSE's scale"
+    assert normalised_k == pytest.approx(normalised_1, rel=1e-5)
+    for a, b in zip(grads_1, grads_k):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+
+
+def test_at_the_reference_each_normalised_term_averages_one():
+    """Measured on the reference's own slices (in eval mode), the normalised loss is (1 - alpha) * 1 + alpha * 1."""
+    torch.manual_seed(0)
+    f, g = build_reconstruction_net(TINY), build_segmentation_net(TINY)
+    batches = [_batch(seed) for seed in range(3)]
+    loss = task_adaptive_loss(g, alpha=0.7)
+    loss.scales = term_scales(f, loss, batches)
+    assert f.training, "term_scales leaves the reference in the mode it found it in"
+    with torch.no_grad():
+        f.eval()
+        values = torch.cat([loss.terms(f(low), full, labels)["loss"] for low, full, labels in batches])
+    assert float(values.mean()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_loss_scales_are_checked_and_plain_by_default():
+    loss = task_adaptive_loss(build_segmentation_net(TINY), alpha=0.5)
+    assert loss.scales == LossScales() and loss.scales.plain
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="must be a positive number"):
+            LossScales(mse=bad)
+    with pytest.raises(ValueError, match="no slices"):
+        term_scales(build_reconstruction_net(TINY), loss, [])
+
+
+@pytest.mark.parametrize("upsample", ["transposed", "interpolation"])
+def test_interpolation_up_sampling_has_no_transposed_convolutions_and_no_checkerboard(upsample):
+    """A constant image stays constant inside an interpolating U-Net; transposed convolutions imprint a period-2 pattern."""
+    torch.manual_seed(0)
+    config = UNetConfig(features=4, depth=2, upsample=upsample)
+    f = build_reconstruction_net(config).eval()
+    transposed = [m for m in f.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert (len(transposed) == 0) == (upsample == "interpolation")
+    with torch.no_grad():
+        interior = f(torch.full((1, 1, 192, 192), 0.4))[0, 0, 80:112, 80:112]  # far from the zero-padded borders
+    spread = float(interior.max() - interior.min())
+    if upsample == "interpolation":
+        assert spread < 1e-5
+    else:
+        assert spread > 1e-3, "the test needs the transposed network to show its pattern"
+    assert build_segmentation_net(config)(torch.rand(2, 1, 32, 32)).shape == (2, NUM_CLASSES, 32, 32)
+    with pytest.raises(ValueError, match="upsample must be one of"):
+        UNetConfig(upsample="nearest")

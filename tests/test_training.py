@@ -425,3 +425,46 @@ def test_a_warm_start_begins_from_the_weights_it_names_and_refuses_other_files(d
                       check=False)
         assert result.returncode == 2 and message in result.stderr, (flags, result.stderr)
         assert not (tmp_path / "refused").exists(), "nothing is written before the input is checked"
+
+
+def test_the_normalised_loss_measures_its_scales_on_the_validation_slices_and_refuses_what_it_cannot_use(data, segmenter, tmp_path):
+    """``--normalise-with`` (loss_reference): the scales are the reference f's terms on the validation patients, under g."""
+    from torch.utils.data import DataLoader
+
+    from training.engine import TrainingTask
+    from training.losses import term_scales
+    from training.slices import SliceDataset
+
+    tact("train", "reconstruction", "--dataset", str(data), "--out", str(tmp_path / "base"), "epochs=1", *TINY)
+    base = tmp_path / "base" / "best.pt"
+    run = tmp_path / "normalised"
+    tact("train", "reconstruction", "--alpha", "0.5", "--segmenter", str(segmenter), "--normalise-with", str(base),
+         "--dataset", str(data), "--out", str(run), "epochs=2", *TINY)
+    inputs = json.loads((run / "inputs.json").read_text())
+    assert inputs["loss_reference"]["sha256"] == hashlib.sha256(base.read_bytes()).hexdigest()
+
+    # The same measurement by hand: the Base U-Net's f on the run's validation patients, scored by the frozen g.
+    config = load_config(run / "config.yaml")
+    task = TrainingTask(config, torch.device("cpu"))
+    held_out = json.loads((run / "summary.json").read_text())["split"]["validation"]
+    slices = SliceDataset(SimulatedDataset(data), "train", task.input_method, cases=held_out)
+    reference = load_reconstructor(base)[0]
+    expected = term_scales(reference, task.objective.loss, (task.batch(b) for b in DataLoader(slices, batch_size=3)))
+    assert inputs["loss_reference"]["scales"]["mse"] == pytest.approx(expected.mse, rel=1e-5)
+    assert inputs["loss_reference"]["scales"]["dice_loss"] == pytest.approx(expected.dice_loss, rel=1e-5)
+    # The logged validation loss is the normalised one: (1 - a) MSE / mse_ref + a Dice / dice_ref.
+    last = read_history(run)[-1]
+    scales = inputs["loss_reference"]["scales"]
+    assert last["val_loss"] == pytest.approx(0.5 * last["val_mse"] / scales["mse"] + 0.5 * last["val_dice_loss"] / scales["dice_loss"],
+                                             rel=1e-3)
+    assert last["val_loss"] > 10 * (0.5 * last["val_mse"] + 0.5 * last["val_dice_loss"]) * 0 + 0.1, "not the plain loss's scale"
+
+    for task_name, flags, message in [
+        ("reconstruction", ["--alpha", "0", "--normalise-with", str(base)], "has only one term"),
+        ("reconstruction", ["--alpha", "0.5", "--segmenter", str(segmenter), "--normalise-with", str(segmenter)],
+         "without a reconstruction network"),
+        ("segmentation", [f"loss_reference={str(base)!r}"], "has only one term"),
+    ]:
+        result = tact("train", task_name, *flags, "--dataset", str(data), "--out", str(tmp_path / "refused"), *TINY, check=False)
+        assert result.returncode == 2 and message in result.stderr, (flags, result.stderr)
+        assert not (tmp_path / "refused").exists()

@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--init", type=Path, default=None,
                          help="warm start: the best.pt of a reconstruction run (e.g. the Base U-Net's) whose f this "
                               "run starts from")
+        sub.add_argument("--normalise-with", type=Path, default=None, metavar="MODEL",
+                         help="the normalised loss: divide each term by its value for this reconstruction model file "
+                              "(e.g. the Base U-Net's best.pt) on the validation slices, so that alpha is the Dice "
+                              "term's share (config key loss_reference; default: the paper's plain loss)")
     for sub in (seg, rec, joint):
         sub.add_argument("--dataset", required=True, type=Path, help="data set folder from `tact simulate`")
         sub.add_argument("--out", required=True, type=Path, help="run folder (an unfinished run there is resumed)")
@@ -412,6 +416,8 @@ def _train(args: argparse.Namespace, progress: bool) -> int:
         overrides.append(f"segmenter_checkpoint={str(args.segmenter)!r}")
     if getattr(args, "init", None) is not None:
         overrides.append(f"init_checkpoint={str(args.init)!r}")
+    if getattr(args, "normalise_with", None) is not None:
+        overrides.append(f"loss_reference={str(args.normalise_with)!r}")
     config = load_config(args.config, overrides)
     summary = train(config, args.dataset, args.out, device=args.device, progress=progress)
     print(f"{args.out}: {summary.epochs} epoch(s){' (early stop)' if summary.stopped_early else ''}, best epoch "

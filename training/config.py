@@ -57,6 +57,11 @@ class TrainingConfig:
         segmenter_checkpoint: the pre-trained g for ``reconstruction`` and ``joint``.
         init_checkpoint: a model file whose f starts this ``reconstruction`` or ``joint``
             run (a warm start, e.g. from a Base U-Net's ``best.pt``) instead of random weights.
+        loss_reference: a reconstruction model file (e.g. a Base U-Net's ``best.pt``) that
+            switches the loss to its normalised form: each term is divided by that f's mean
+            value of it on this run's validation slices (training slices if none are held
+            out), under this run's g, so that alpha is the Dice term's share of the loss
+            (``training.losses``). ``null``: the paper's plain loss.
     """
 
     task: str = "reconstruction"
@@ -77,6 +82,7 @@ class TrainingConfig:
     channels_last: bool = True
     segmenter_checkpoint: str | None = None
     init_checkpoint: str | None = None
+    loss_reference: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -95,6 +101,10 @@ class TrainingConfig:
             raise ConfigError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.loss_reference is not None and (self.task == "segmentation" or self.weight == 0.0):
+            raise ConfigError(f"loss_reference normalises the two terms of a task-adaptive or joint loss; a "
+                              f"{self.task} run{' with ' + name + ' = 0' if self.task != 'segmentation' else ''} "
+                              "has only one term")
         if self.num_workers < 0 or self.lr_patience < 0 or self.weight_decay < 0:
             raise ConfigError("num_workers, lr_patience and weight_decay must not be negative")
 

@@ -68,7 +68,7 @@ from training.config import ConfigError, TrainingConfig, load_config, save_confi
 from training.dataset import FULLDOSE, LOWDOSE, SimulatedDataset
 from training.errors import DataError
 from training.fileio import atomic_path, save_json
-from training.losses import dice_loss, joint_loss, task_adaptive_loss
+from training.losses import dice_loss, joint_loss, task_adaptive_loss, term_scales
 from training.metrics import DICE_LABELS, dice_counts, dice_scores
 from training.networks import build_reconstruction_net, build_segmentation_net
 from training.physics import disc_mask
@@ -188,6 +188,9 @@ class TrainingTask:
             # The Base U-Net without a checkpoint has no meaningful g to monitor with.
             monitor = config.weight > 0 or segmenter is not None
             self.input_method = LOWDOSE
+        # The normalised loss's reference f; only used to measure the scales (see measure_loss_scales).
+        self.loss_reference = (load_reconstructor(config.loss_reference)[0] if config.loss_reference is not None
+                               else None)
         self.objective = Objective(config.task, network, loss, monitor).to(device)
         if self.channels_last:
             self.objective.to(memory_format=torch.channels_last)
@@ -242,6 +245,22 @@ class TrainingTask:
             self.objective = nn.SyncBatchNorm.convert_sync_batchnorm(self.objective)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         self.train_objective = nn.parallel.DistributedDataParallel(self.objective, device_ids=device_ids)
+
+    def measure_loss_scales(self, slices: torch.utils.data.Dataset) -> dict[str, float] | None:
+        """Set the normalised loss's scales from the reference f on ``slices``; ``None`` for the plain loss.
+
+        Every process measures on all of ``slices`` (not its share), so that all use the same scales.
+        """
+        if self.loss_reference is None:
+            return None
+        reference = self.loss_reference.to(self.device)
+        loader = DataLoader(slices, batch_size=self.config.batch_size, shuffle=False, num_workers=0)
+        scales = term_scales(reference, self.objective.loss, (self.batch(batch) for batch in loader))
+        self.objective.loss.scales = scales
+        self.loss_reference = None  # measured once; the reference is not needed any more
+        log.info("normalised loss: MSE / %.4g + Dice loss / %.4g (the reference's values on %d slices)",
+                 scales.mse, scales.dice_loss, len(slices))
+        return asdict(scales)
 
     def batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input, full dose, labels) of a loader batch on this task's device."""
@@ -647,12 +666,12 @@ def read_summary(run: str | Path) -> TrainingSummary | None:
     return TrainingSummary(**{f.name: saved[f.name] for f in fields(TrainingSummary) if f.name in saved})
 
 
-MODEL_INPUTS = {"segmenter_checkpoint": "segmenter", "init_checkpoint": "init"}
+MODEL_INPUTS = {"segmenter_checkpoint": "segmenter", "init_checkpoint": "init", "loss_reference": "loss_reference"}
 """Model files a run reads, by config key and ``inputs.json`` name: a resume refuses a changed one."""
 
 
 def run_inputs(config: TrainingConfig, dataset: SimulatedDataset) -> dict[str, Any]:
-    """What a run trains on, as ``inputs.json`` records it: the data set, the segmenter and warm-start files."""
+    """What a run trains on, as ``inputs.json`` records it: the data set and the model files it reads."""
     inputs: dict[str, Any] = {"dataset": {"path": str(dataset.root.resolve()), "fingerprint": dataset_fingerprint(dataset)}}
     for key, name in MODEL_INPUTS.items():
         path = getattr(config, key)
@@ -727,6 +746,9 @@ def train(
     task = TrainingTask(config, distributed.device)
     train_loader, val_loader, split = _loaders(dataset, task, distributed)
     selection = task.selection(validated=val_loader is not None)
+    scales = task.measure_loss_scales(val_loader.dataset if val_loader is not None else train_loader.dataset)
+    if scales is not None:
+        inputs["loss_reference"]["scales"] = scales
     optimizer = torch.optim.Adam(task.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = selection.scheduler(optimizer, config.lr_factor, config.lr_patience)
     resume = _read_resume_state(run, config)

@@ -11,13 +11,48 @@ they differ only in the segmentation network g:
 ``alpha = 0`` is the plain "Base U-Net" (MSE only). Dice is MONAI's ``DiceLoss`` on the
 softmax of g's logits against one-hot labels, over all three classes, with MONAI's small
 smoothing terms (the epsilon of the paper's eq. 7).
+
+The two terms live on different scales: on normalised attenuation the MSE of a good
+reconstruction is about 1e-3, the Dice loss 0.1-0.5, so in the paper's plain form a small
+weight already hands the Dice term most of the gradient. The *normalised* form divides each
+term by a reference scale (:class:`LossScales`, by default measured by :func:`term_scales`
+for a reference reconstructor such as a trained Base U-Net):
+``(1 - w) * MSE / mse_ref + w * Dice / dice_ref``, so that ``w`` is the Dice term's share
+of the loss at the reference. The plain form (scales 1) stays the default.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import torch
 from monai.losses import DiceLoss
 from torch import nn
+
+
+@dataclass(frozen=True)
+class LossScales:
+    """Reference values that divide the two loss terms (both 1: the paper's plain loss).
+
+    Args:
+        mse: the reference MSE (squared normalised attenuation), positive.
+        dice_loss: the reference soft Dice loss (no unit, in (0, 1]), positive.
+    """
+
+    mse: float = 1.0
+    dice_loss: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("mse", "dice_loss"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"the reference {name} must be a positive number, got {value}")
+
+    @property
+    def plain(self) -> bool:
+        return self.mse == 1.0 and self.dice_loss == 1.0
 
 
 def _check_weight(name: str, value: float) -> float:
@@ -53,16 +88,20 @@ class TaskWeightedLoss(nn.Module):
         segmenter: the segmentation network g, ``(B, 1, H, W) -> (B, 3, H, W)`` logits.
         weight: alpha (task-adaptive) or C (joint), in [0, 1].
         freeze_segmenter: freeze g (task-adaptive) or leave it trainable (joint).
+        scales: the reference scales of the normalised form (default: the plain loss);
+            :attr:`scales` may also be set later, e.g. once :func:`term_scales` has measured them.
 
     ``forward(reconstruction (B, 1, H, W), full_dose (B, 1, H, W), labels (B, 1, H, W) int)``
     returns the batch mean of the loss; :meth:`terms` returns it per slice with its parts.
     """
 
-    def __init__(self, segmenter: nn.Module, weight: float, freeze_segmenter: bool) -> None:
+    def __init__(self, segmenter: nn.Module, weight: float, freeze_segmenter: bool,
+                 scales: LossScales = LossScales()) -> None:
         super().__init__()
         self.weight = _check_weight("alpha" if freeze_segmenter else "C", weight)
         self.segmenter = FrozenNetwork(segmenter) if freeze_segmenter else segmenter
         self.dice = dice_loss()
+        self.scales = scales
 
     def terms(self, reconstruction: torch.Tensor, full_dose: torch.Tensor, labels: torch.Tensor,
               with_dice: bool = False) -> dict[str, torch.Tensor]:
@@ -82,11 +121,41 @@ class TaskWeightedLoss(nn.Module):
         out["logits"] = logits
         out["dice_loss"] = self.dice(logits, labels).flatten(1).mean(1)
         if self.weight > 0.0:
-            out["loss"] = (1.0 - self.weight) * mse + self.weight * out["dice_loss"]
+            out["loss"] = ((1.0 - self.weight) * mse / self.scales.mse
+                           + self.weight * out["dice_loss"] / self.scales.dice_loss)
         return out
 
     def forward(self, reconstruction: torch.Tensor, full_dose: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.terms(reconstruction, full_dose, labels)["loss"].mean()
+
+
+@torch.no_grad()
+def term_scales(reconstructor: nn.Module, loss: TaskWeightedLoss,
+                batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> LossScales:
+    """Each loss term's mean over slices for ``reconstructor``: the scales of the normalised loss.
+
+    Args:
+        reconstructor: the reference f (e.g. a trained Base U-Net), run in eval mode.
+        loss: the loss whose g scores the reconstructions.
+        batches: ``(low dose, full dose, labels)`` batches, e.g. the validation slices.
+
+    Raises:
+        ValueError: no slices, or a term that is zero or not finite (it cannot divide).
+    """
+    was_training = reconstructor.training
+    reconstructor.eval()
+    sums, count = torch.zeros(2, dtype=torch.float64), 0
+    try:
+        for low_dose, full_dose, labels in batches:
+            terms = loss.terms(reconstructor(low_dose), full_dose, labels, with_dice=True)
+            sums += torch.stack([terms["mse"].double().sum(), terms["dice_loss"].double().sum()]).cpu()
+            count += low_dose.shape[0]
+    finally:
+        reconstructor.train(was_training)
+    if count == 0:
+        raise ValueError("no slices to measure the loss terms on")
+    mse, dice = (sums / count).tolist()
+    return LossScales(mse=mse, dice_loss=dice)
 
 
 def dice_loss() -> DiceLoss:

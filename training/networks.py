@@ -8,6 +8,11 @@ normalisation and leaky ReLU (the slight modifications). Width and depth are con
 so that tests and CPU runs can use narrow, shallow networks; the defaults are the
 original U-Net's 64 features and 4 down-samplings (64 -> 1024 features).
 
+``upsample="interpolation"`` replaces each transposed convolution by a 1x1 convolution and
+bilinear up-sampling (MONAI's non-trainable ``UpSample``). A stride-2 transposed
+convolution with a 2x2 kernel gives the four pixels of each 2x2 block their own weights,
+a known source of periodic "checkerboard" patterns; interpolation cannot produce them.
+
 Shapes: inputs ``(B, 1, H, W)`` normalised attenuation, H and W divisible by ``2**depth``.
 The segmentation network returns ``(B, 3, H, W)`` logits (background, liver, tumour);
 the reconstruction network ``(B, 1, H, W)`` in (0, 1).
@@ -18,12 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from monai.networks.blocks import UpSample
 from monai.networks.nets import DynUNet
 from torch import nn
 
 NUM_CLASSES = 3
 """Background, liver, tumour."""
 NORMS = ("batch", "instance")
+UPSAMPLING = ("transposed", "interpolation")
 
 
 @dataclass(frozen=True)
@@ -35,12 +42,15 @@ class UNetConfig:
         depth: number of down-samplings (the original U-Net has 4).
         norm: ``batch`` or ``instance`` normalisation.
         dropout: dropout probability inside the convolution blocks.
+        upsample: ``transposed`` (transposed convolutions, the original U-Net) or
+            ``interpolation`` (1x1 convolution, then bilinear up-sampling).
     """
 
     features: int = 64
     depth: int = 4
     norm: str = "batch"
     dropout: float = 0.0
+    upsample: str = "transposed"
 
     def __post_init__(self) -> None:
         if self.features < 1:
@@ -51,6 +61,8 @@ class UNetConfig:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.upsample not in UPSAMPLING:
+            raise ValueError(f"upsample must be one of {UPSAMPLING}, got {self.upsample!r}")
 
     @property
     def filters(self) -> list[int]:
@@ -58,7 +70,7 @@ class UNetConfig:
 
 
 def _dyn_unet(out_channels: int, config: UNetConfig) -> DynUNet:
-    return DynUNet(
+    network = DynUNet(
         spatial_dims=2,
         in_channels=1,
         out_channels=out_channels,
@@ -69,6 +81,12 @@ def _dyn_unet(out_channels: int, config: UNetConfig) -> DynUNet:
         dropout=config.dropout or None,
         norm_name=config.norm,
     )
+    if config.upsample == "interpolation":
+        for block in network.upsamples:  # each UnetUpBlock: up-sample, concatenate the skip, convolve
+            up = block.transp_conv
+            block.transp_conv = UpSample(2, up.in_channels, up.out_channels, scale_factor=2, mode="nontrainable",
+                                         interp_mode="bilinear", align_corners=False)
+    return network
 
 
 def build_segmentation_net(config: UNetConfig = UNetConfig()) -> nn.Module:
