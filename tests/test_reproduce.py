@@ -169,3 +169,23 @@ def test_the_default_variant_is_the_best_task_adaptive_dice_that_stays_within_a_
     # no task-adaptive model close enough: the one with the best Dice among them all the same
     assert default_variant({"baseunet": {"val_psnr": 32.0}, "ta0.5": {"val_psnr": 25.0, "val_dice_volume": 0.4},
                             "ta0.9": {"val_psnr": 15.0, "val_dice_volume": 0.5}}) == "ta0.9"
+
+
+def test_the_cpu_preset_adds_the_second_real_patient_and_refuses_a_run_folder_without_it(tmp_path):
+    """A run folder whose data stage wrote other patients (e.g. before example_ct joined the preset) is not reused."""
+    from training.errors import DataError
+    from training.presets import PRESETS
+    from training.reproduce import Reproduction
+
+    reproduction = Reproduction(PRESETS["cpu"], tmp_path / "run")
+    record = reproduction._data_record("16")
+    assert record == {"phantoms": 16, "sample_case": "16", "real_patients": {"17": "example_ct"}}
+    assert Reproduction(PRESETS["demo-models"], tmp_path / "demo")._data_record("16") == {"phantoms": 16, "sample_case": "16"}
+    marker = tmp_path / "run" / "lits" / ".complete"
+    assert not reproduction._data_written("16")
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"phantoms": 16, "sample_case": "16"}))
+    with pytest.raises(DataError, match="use a new --out"):
+        reproduction._data_written("16")
+    marker.write_text(json.dumps(record))
+    assert reproduction._data_written("16")

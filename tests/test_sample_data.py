@@ -171,3 +171,55 @@ def test_extraction_of_an_incomplete_archive_fails_cleanly(tmp_path: Path) -> No
     with pytest.raises(DataError, match="holds 1 sample DICOM slices"):
         sample_data.extract_sample(archive, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def real_dir(sample_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("real")
+    sample_data.build_real_data(out, sample_cache)
+    return out
+
+
+@pytest.mark.network
+def test_every_real_patient_is_written_as_a_lits_case(real_dir: Path, sample: CTVolume) -> None:
+    assert [case for case, *_ in find_lits_cases(real_dir)] == ["0", "1"]
+    first = load_lits_case(*lits_paths(real_dir, 0), "0")
+    np.testing.assert_array_equal(first.hu, sample.hu)  # case 0 is the DICOM sample
+    np.testing.assert_array_equal(first.segmentation, sample.segmentation)
+
+
+@pytest.mark.network
+def test_the_second_patient_keeps_its_header_geometry_and_the_liver_of_its_mask(real_dir: Path, sample_cache: Path) -> None:
+    image_path, segmentation_path = sample_data.extract_example_ct(sample_data.fetch_archive(sample_cache), sample_cache)
+    header = nib.load(image_path)
+    volume = load_lits_case(*lits_paths(real_dir, 1), "1")
+    # Stored RAS already: the written case has the archive file's grid and voxels.
+    assert nib.aff2axcodes(header.affine) == ("R", "A", "S") and volume.shape == header.shape == (122, 101, 112)
+    np.testing.assert_allclose(volume.affine, header.affine, atol=1e-4)
+    np.testing.assert_array_equal(volume.hu, np.asanyarray(header.dataobj).astype(np.float32))
+    liver = volume.segmentation == 1
+    assert set(np.unique(volume.segmentation)) == {0, 1}
+    assert liver.any(axis=(0, 1)).sum() == sample_data.EXAMPLE_CT_LIVER_SLICES
+    stored = np.asanyarray(nib.load(segmentation_path).dataobj)
+    np.testing.assert_array_equal(liver, stored == sample_data.TOTALSEGMENTATOR_LIVER)
+    # Unenhanced liver (about 45 HU), on the patient's right of the body's centre.
+    assert 30 <= volume.hu[liver].mean() <= 60
+    body = np.argwhere(volume.hu > -300).mean(axis=0)
+    assert (volume.affine @ [*np.argwhere(liver).mean(axis=0), 1.0])[0] > (volume.affine @ [*body, 1.0])[0] + 30
+    for flipped in (liver[::-1], liver[:, ::-1]):
+        with pytest.raises(DataError, match="does not lie on the liver"):
+            sample_data.verify_liver_alignment(volume.hu, flipped)
+    # The mask's spleen (TotalSegmentator label 1) lies on the other side: left and right are not swapped.
+    spleen = np.argwhere(stored == 1).mean(axis=0)
+    assert (volume.affine @ [*spleen, 1.0])[0] < (volume.affine @ [*body, 1.0])[0] - 30
+
+
+@pytest.mark.network
+def test_sample_data_command_writes_both_patients(sample_cache: Path, tmp_path: Path) -> None:
+    import sys
+
+    result = subprocess.run([str(Path(sys.executable).with_name("tact")), "-q", "sample-data", "--out", str(tmp_path / "real"),
+                             "--cache", str(sample_cache)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 2 real patients" in result.stdout and "example_ct" in result.stdout
+    assert [case for case, *_ in find_lits_cases(tmp_path / "real")] == ["0", "1"]

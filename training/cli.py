@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=_positive_int, default=32, help="slices per volume (default: %(default)s)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: %(default)s)")
 
-    p = commands.add_parser("sample-data", help="build the real 20-slice abdominal CT sample in LiTS layout")
+    p = commands.add_parser("sample-data", help="build the real abdominal CTs (the 20-slice sample and a second patient) in LiTS layout")
     p.add_argument("--out", required=True, type=Path, help="output folder (LiTS layout)")
     p.add_argument("--cache", type=Path, default=None, help="download cache (default: $TACT_CACHE or ~/.cache/taskadaptivect)")
 
@@ -320,11 +320,13 @@ def _phantom(args: argparse.Namespace, progress: bool) -> int:
 
 def _sample_data(args: argparse.Namespace, progress: bool) -> int:
     from training.fileio import check_output_folder
-    from training.sample_data import build_sample_data
+    from training.sample_data import REAL_CASES, build_real_data
 
     check_output_folder(args.out)
-    pairs = build_sample_data(args.out, cache_dir=args.cache)
-    print(f"wrote the real sample ({len(pairs)} case) to {args.out}")
+    pairs = build_real_data(args.out, cache_dir=args.cache)
+    for (volume, _), name in zip(pairs, REAL_CASES):
+        print(f"{volume}: {name}")
+    print(f"wrote {len(pairs)} real patients to {args.out} (masks: TotalSegmentator's model output)")
     return 0
 
 

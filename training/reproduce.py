@@ -134,7 +134,7 @@ class Reproduction:
         preset = self.preset
         self.out.mkdir(parents=True, exist_ok=True)
         sample_case = str(preset.phantom_volumes) if self.lits is None and preset.include_sample else None
-        self._stage("data", self.lits is not None or (self.out / "lits" / ".complete").is_file(), lambda: self._write_phantoms(sample_case))
+        self._stage("data", self.lits is not None or self._data_written(sample_case), lambda: self._write_phantoms(sample_case))
         settings = SimulationSettings(photons=preset.photons, num_angles=preset.angles, size=preset.size, domain=preset.domain,
                                       test_fraction=preset.test_fraction, test_cases=(sample_case,) if sample_case else ())
         self._check_existing_dataset(settings)
@@ -175,17 +175,42 @@ class Reproduction:
             raise DataError(manifest, f"this run's data set was simulated with {shown}; use a new --out for other "
                                       "simulation settings")
 
+    def _data_record(self, sample_case: str | None) -> dict[str, object]:
+        """What the data stage writes: phantoms, the sample's case id, further real patients by case id."""
+        first = self.preset.phantom_volumes + (sample_case is not None)
+        record: dict[str, object] = {"phantoms": self.preset.phantom_volumes, "sample_case": sample_case}
+        if self.preset.real_patients:
+            record["real_patients"] = {str(first + i): name for i, name in enumerate(self.preset.real_patients)}
+        return record
+
+    def _data_written(self, sample_case: str | None) -> bool:
+        """Whether the data stage is done; a run folder holding other patients is refused."""
+        marker = self.out / "lits" / ".complete"
+        if not marker.is_file():
+            return False
+        recorded, wanted = json.loads(marker.read_text()), self._data_record(sample_case)
+        if recorded != wanted:
+            raise DataError(marker, f"this run's patients are {recorded}, the {self.preset.name} preset's are {wanted}; "
+                                    "use a new --out")
+        return True
+
     def _write_phantoms(self, sample_case: str | None) -> None:
         from training.phantom import write_phantom_dataset
-        from training.sample_data import load_sample
+        from training.sample_data import load_real_case, load_sample
         from training.volume import write_lits_case
 
         lits = self.out / "lits"
+        record = self._data_record(sample_case)
+        # Real patients first: a failed download or check leaves no half-written data stage behind.
+        real = [(case, load_real_case(name, case_id=case)) for case, name in dict(record.get("real_patients", {})).items()]
+        sample = load_sample() if sample_case is not None else None
         write_phantom_dataset(lits, self.preset.phantom_volumes, size=self.preset.size, slices=self.preset.phantom_slices,
                               seed=0, progress=self.progress)
-        if sample_case is not None:
-            write_lits_case(lits, int(sample_case), load_sample())
-        (lits / ".complete").write_text(json.dumps({"phantoms": self.preset.phantom_volumes, "sample_case": sample_case}))
+        if sample is not None:
+            write_lits_case(lits, int(sample_case), sample)
+        for case, volume in real:
+            write_lits_case(lits, int(case), volume)
+        (lits / ".complete").write_text(json.dumps(record))
 
     def _train(self, stage: str, config) -> None:
         from training.engine import read_summary, train

@@ -9,6 +9,15 @@ the package's canonical RAS+ orientation, keeps the liver as label 1 (the sample
 tumour label), verifies that the mask lies on the liver, and writes ``volume-0.nii.gz`` and
 ``segmentation-0.nii.gz``.
 
+The same archive carries one more distinct abdominal CT with a liver mask, the second real
+patient (:func:`load_example_ct`): ``example_ct.nii.gz`` (122 x 101 x 112 voxels of 3 mm,
+unenhanced, the liver in 43 slices and cut off by the top of the scan) with the fast
+model's ``example_seg_fast_force_split.nii.gz`` (liver = 5). Its other CTs are not further
+patients: ``example_ct_sm.nii.gz`` is slices 82-111 of ``example_ct.nii.gz`` voxel for voxel
+(with a header that places them 246 mm too low), and the chest CT angiography of
+``aorta_report/`` comes with no liver mask. Both masks are TotalSegmentator's output, not
+expert labels.
+
 The cache is ``cache_dir`` if given, else ``$TACT_CACHE``, else
 ``~/.cache/taskadaptivect``; only the first call needs PyPI.
 """
@@ -28,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from training.errors import DataError
-from training.loaders import check_same_grid, load_dicom_case, load_image
+from training.loaders import check_same_grid, checked_hu, load_dicom_case, load_image
 from training.volume import LABEL_LIVER, CTVolume, write_lits_case
 
 logger = logging.getLogger(__name__)
@@ -43,6 +52,14 @@ _MEMBER_ROOT = f"totalsegmentator-{TOTALSEGMENTATOR_VERSION}/"
 _DICOM_MEMBERS = _MEMBER_ROOT + "tests/reference_files/example_ct_dicom/"
 _SEGMENTATION_MEMBER = _MEMBER_ROOT + "tests/reference_files/example_seg_dicom.nii.gz"
 _LICENSE_MEMBER = _MEMBER_ROOT + "LICENSE"
+_EXAMPLE_CT_MEMBERS = {"example_ct.nii.gz": _MEMBER_ROOT + "tests/reference_files/example_ct.nii.gz",
+                       "example_seg_fast_force_split.nii.gz":
+                           _MEMBER_ROOT + "tests/reference_files/example_seg_fast_force_split.nii.gz",
+                       "LICENSE": _LICENSE_MEMBER}
+REAL_CASES = ("sample", "example_ct")
+"""The real patients :func:`build_real_data` writes, as LiTS cases 0, 1, ... in this order."""
+EXAMPLE_CT_LIVER_SLICES = 43
+"""Axial slices of ``example_ct.nii.gz`` whose mask holds liver."""
 SAMPLE_SLICES = 20
 """Number of DICOM slices in the sample series."""
 
@@ -157,6 +174,43 @@ def extract_sample(archive: str | Path, cache_dir: str | Path | None = None) -> 
     return dicom_dir, segmentation
 
 
+def extract_example_ct(archive: str | Path, cache_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Extract the second real patient's CT, its segmentation and the licence into the cache.
+
+    As :func:`extract_sample`: only the named regular files are read, into names built here,
+    through a staging folder renamed whole; an existing extraction is reused.
+
+    Returns:
+        ``(image_path, segmentation_path)``.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / f"totalsegmentator-{TOTALSEGMENTATOR_VERSION}-example-ct"
+    image, segmentation = target / "example_ct.nii.gz", target / "example_seg_fast_force_split.nii.gz"
+    if target.is_dir():
+        return image, segmentation
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".extract-"))
+    staging.chmod(0o755)
+    wanted = {member: name for name, member in _EXAMPLE_CT_MEMBERS.items()}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                if not member.isfile() or member.name not in wanted:
+                    continue
+                source = tar.extractfile(member)
+                assert source is not None  # regular files always have a stream
+                with source, (staging / wanted[member.name]).open("wb") as sink:
+                    shutil.copyfileobj(source, sink)
+        missing = sorted(name for name in _EXAMPLE_CT_MEMBERS if not (staging / name).is_file())
+        if missing:
+            raise DataError(archive, f"lacks {', '.join(_EXAMPLE_CT_MEMBERS[name] for name in missing)}.")
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("extracted the second real patient (example_ct) into %s", target)
+    return image, segmentation
+
+
 def verify_liver_alignment(hu: np.ndarray, liver: np.ndarray, source: str | Path | None = None) -> dict[str, float]:
     """Check that a liver mask lies on the liver of a CT, and would not if it were flipped.
 
@@ -232,6 +286,56 @@ def load_sample(cache_dir: str | Path | None = None) -> CTVolume:
     volume.segmentation = np.where(liver, LABEL_LIVER, 0).astype(np.uint8)
     volume.sources.append(str(segmentation_path))
     return volume
+
+
+def load_example_ct(cache_dir: str | Path | None = None, case_id: str = "1") -> CTVolume:
+    """The second real patient as a :class:`CTVolume`: HU float32 and labels 0/1, canonical RAS+.
+
+    Raises:
+        DataError: download, extraction, geometry, intensity or alignment check failed.
+    """
+    image_path, segmentation_path = extract_example_ct(fetch_archive(cache_dir), cache_dir)
+    hu, affine = load_image(image_path)
+    volume = CTVolume(case_id, checked_hu(image_path, hu), None, affine, [str(image_path)])
+    labels, label_affine = load_image(segmentation_path)
+    check_same_grid(segmentation_path, labels.shape, label_affine, volume)
+    liver = labels == TOTALSEGMENTATOR_LIVER
+    statistics = verify_liver_alignment(volume.hu, liver, segmentation_path)
+    logger.info("example_ct: %s voxels of %s mm; liver in %d of %d slices, mean %.1f HU (%.1f HU if flipped left-right)",
+                "x".join(map(str, volume.shape)), "x".join(f"{s:.4g}" for s in volume.spacing),
+                int(liver.any(axis=(0, 1)).sum()), volume.shape[2], statistics["mean_hu"],
+                statistics["left_right_flipped_mean_hu"])
+    volume.segmentation = np.where(liver, LABEL_LIVER, 0).astype(np.uint8)
+    volume.sources.append(str(segmentation_path))
+    return volume
+
+
+def load_real_case(name: str, cache_dir: str | Path | None = None, case_id: str = "0") -> CTVolume:
+    """One of :data:`REAL_CASES` by name, verified, with ``case_id`` as its identifier."""
+    if name == "sample":
+        volume = load_sample(cache_dir)
+        volume.case_id = case_id
+        return volume
+    if name == "example_ct":
+        return load_example_ct(cache_dir, case_id)
+    raise ValueError(f"unknown real case {name!r}; known: {', '.join(REAL_CASES)}")
+
+
+def build_real_data(out: str | Path, cache_dir: str | Path | None = None) -> list[tuple[Path, Path]]:
+    """Write every real patient (:data:`REAL_CASES`) as LiTS cases 0, 1, ... in ``out``.
+
+    Returns:
+        ``[(volume_path, segmentation_path), ...]`` in the order of :data:`REAL_CASES`.
+
+    Raises:
+        DataError: see :func:`load_sample` and :func:`load_example_ct`; nothing is written
+            unless every case loads and verifies.
+    """
+    volumes = [load_real_case(name, cache_dir, str(index)) for index, name in enumerate(REAL_CASES)]
+    paths = [write_lits_case(out, index, volume) for index, volume in enumerate(volumes)]
+    for pair in paths:
+        logger.info("wrote %s and %s", *pair)
+    return paths
 
 
 def build_sample_data(out: str | Path, cache_dir: str | Path | None = None) -> list[tuple[Path, Path]]:
