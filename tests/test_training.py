@@ -147,7 +147,7 @@ def test_task_adaptive_model_holds_f_only_and_joint_training_changes_g(data, seg
 
 
 @pytest.mark.parametrize("task, flags, epochs", [
-    ("segmentation", [], 25),
+    ("segmentation", ["augment=true"], 25),  # the augmentation, seeded per slice and epoch, resumes too
     ("reconstruction", ["--alpha", "0.5", "--segmenter", "SEGMENTER"], 12),
     ("joint", ["--c", "0.5", "--segmenter", "SEGMENTER"], 12),
 ])
@@ -244,8 +244,9 @@ def test_learning_rate_schedule_and_early_stopping(data, tmp_path):
     ("joint", ["--c", "-0.1"], [], "weight (C) must be in [0, 1], got -0.1"),
     ("reconstruction", ["--alpha", "0.5"], [], "alpha = 0.5 needs the pre-trained segmentation network"),
     ("segmentation", [], ["epochz=3"], "unknown config key 'epochz'"),
-    ("reconstruction", ["--alpha", "0.5", "--segmenter", "SEGMENTER"], ["network.features=8"],
+    ("joint", ["--c", "0.5", "--segmenter", "SEGMENTER"], ["network.features=8"],
      "the segmentation network was trained with features=4"),
+    ("reconstruction", ["--alpha", "0.5"], ["augment=true"], "augment is for the segmentation pre-training"),
     ("reconstruction", ["--alpha", "0.5", "--segmenter", "RECONSTRUCTOR"], [], "without a segmentation network"),
     ("segmentation", [], ["network.depth=7"], "cannot be down-sampled 7 times"),
 ])
@@ -468,3 +469,24 @@ def test_the_normalised_loss_measures_its_scales_on_the_validation_slices_and_re
         result = tact("train", task_name, *flags, "--dataset", str(data), "--out", str(tmp_path / "refused"), *TINY, check=False)
         assert result.returncode == 2 and message in result.stderr, (flags, result.stderr)
         assert not (tmp_path / "refused").exists()
+
+
+def test_a_frozen_g_of_another_architecture_judges_a_narrow_f(data, segmenter, tmp_path):
+    """Task-adaptive training takes g as its file describes it: here g is wider and deeper than f."""
+    wide = tmp_path / "wide"
+    tact("train", "segmentation", "--dataset", str(data), "--out", str(wide), "epochs=1", "batch_size=4", *TINY,
+         "network.features=6", "network.depth=3")
+    run = tmp_path / "f"
+    tact("train", "reconstruction", "--alpha", "0.5", "--segmenter", str(wide / "best.pt"), "--dataset", str(data),
+         "--out", str(run), "epochs=1", *TINY)
+    assert read_model(run / "best.pt").network == UNetConfig(features=4, depth=2)
+    assert "val_dice_volume" in read_history(run)[-1], "the wide g scored f's validation slices"
+    # A g that cannot down-sample the slices is refused before training, naming it.
+    deep = tmp_path / "deep.pt"
+    from training.checkpoints import save_model
+
+    save_model(deep, "segmentation", 0.0, UNetConfig(features=2, depth=7),
+               {"segmenter": build_segmentation_net(UNetConfig(features=2, depth=7))}, 0, {})
+    result = tact("train", "reconstruction", "--alpha", "0.5", "--segmenter", str(deep), "--dataset", str(data),
+                  "--out", str(tmp_path / "refused"), *TINY, check=False)
+    assert result.returncode == 2 and "cannot be down-sampled 7 times (the segmenter's network)" in result.stderr, result.stderr

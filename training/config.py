@@ -57,6 +57,8 @@ class TrainingConfig:
         segmenter_checkpoint: the pre-trained g for ``reconstruction`` and ``joint``.
         init_checkpoint: a model file whose f starts this ``reconstruction`` or ``joint``
             run (a warm start, e.g. from a Base U-Net's ``best.pt``) instead of random weights.
+        augment: augment g's training slices (segmentation only; ``training.augment``:
+            MONAI random affine, intensity scaling and shifting, noise).
         loss_reference: a reconstruction model file (e.g. a Base U-Net's ``best.pt``) that
             switches the loss to its normalised form: each term is divided by that f's mean
             value of it on this run's validation slices (training slices if none are held
@@ -83,6 +85,7 @@ class TrainingConfig:
     segmenter_checkpoint: str | None = None
     init_checkpoint: str | None = None
     loss_reference: str | None = None
+    augment: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -105,6 +108,9 @@ class TrainingConfig:
             raise ConfigError(f"loss_reference normalises the two terms of a task-adaptive or joint loss; a "
                               f"{self.task} run{' with ' + name + ' = 0' if self.task != 'segmentation' else ''} "
                               "has only one term")
+        if self.augment and self.task != "segmentation":
+            raise ConfigError("augment is for the segmentation pre-training of g; a reconstruction network learns "
+                              "from paired slices whose noise augmentation would change")
         if self.num_workers < 0 or self.lr_patience < 0 or self.weight_decay < 0:
             raise ConfigError("num_workers, lr_patience and weight_decay must not be negative")
 

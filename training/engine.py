@@ -63,6 +63,7 @@ from monai.utils import set_determinism
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from training.augment import AugmentedSlices, EpochTaggedSampler, segmentation_augmentation
 from training.checkpoints import RECONSTRUCTOR, SEGMENTER, load_reconstructor, load_segmenter, save_model
 from training.config import ConfigError, TrainingConfig, load_config, save_config
 from training.dataset import FULLDOSE, LOWDOSE, SimulatedDataset
@@ -169,7 +170,10 @@ class TrainingTask:
         if config.segmenter_checkpoint is not None:
             if config.task == "segmentation":
                 raise ConfigError("segmenter_checkpoint is for reconstruction and joint training, not segmentation")
-            segmenter = load_segmenter(config.segmenter_checkpoint, expected=config.network)
+            # A frozen g keeps its own architecture (a wider or deeper g judges a narrow f); joint
+            # training saves f and g in one model file, with one architecture.
+            segmenter = load_segmenter(config.segmenter_checkpoint,
+                                       expected=config.network if config.task == "joint" else None)
         elif config.task == "reconstruction" and config.weight > 0:
             raise ConfigError(f"alpha = {config.weight:g} needs the pre-trained segmentation network: "
                               "pass --segmenter (segmenter_checkpoint) the best.pt of `tact train segmentation`")
@@ -191,6 +195,9 @@ class TrainingTask:
         # The normalised loss's reference f; only used to measure the scales (see measure_loss_scales).
         self.loss_reference = (load_reconstructor(config.loss_reference)[0] if config.loss_reference is not None
                                else None)
+        self.depths = {"network": config.network.depth}
+        if segmenter is not None and config.task == "reconstruction":
+            self.depths["the segmenter's network"] = _depth(segmenter)
         self.objective = Objective(config.task, network, loss, monitor).to(device)
         if self.channels_last:
             self.objective.to(memory_format=torch.channels_last)
@@ -415,6 +422,12 @@ def _dice_names(convention: str, values: list[float]) -> dict[str, float]:
     return {f"dice_{convention}": mean, f"dice_{convention}_liver": liver, f"dice_{convention}_tumour": tumour}
 
 
+def _depth(network: nn.Module) -> int:
+    """The number of down-samplings of one of our U-Nets (MONAI's DynUNet)."""
+    unet = getattr(network, "unet", network)
+    return len(unet.upsamples)
+
+
 # ---------------------------------------------------------------------------------------
 # Data
 
@@ -438,14 +451,20 @@ def _loaders(dataset: SimulatedDataset, task: TrainingTask, distributed: Distrib
         raise DataError(dataset.root, "the training split holds no slices; simulate more patients "
                                       "(a one-patient data set is all test split)")
     size = dataset.settings["size"]
-    if size % 2 ** config.network.depth:
-        raise ConfigError(f"slices of {size} px cannot be down-sampled {config.network.depth} times; "
-                          f"choose network.depth so that 2**depth divides {size}")
+    for name, depth in task.depths.items():
+        if size % 2**depth:
+            raise ConfigError(f"slices of {size} px cannot be down-sampled {depth} times ({name}); "
+                              f"choose network.depth so that 2**depth divides {size}")
     held_out = validation_cases(train_cases, config.validation_fraction, config.seed)
     fit_cases = [c for c in train_cases if c not in held_out]
     fit = SliceDataset(dataset, "train", task.input_method, cases=fit_cases)
-    # The sampler's order depends only on (seed, epoch): resumed runs see the same batches.
-    sampler = DistributedSampler(fit, num_replicas=distributed.world_size, rank=distributed.rank, shuffle=True, seed=config.seed)
+    # The sampler's order depends only on (seed, epoch): resumed runs see the same batches, and
+    # augmented ones the same augmentation (seeded per slice and epoch).
+    sampler_type = DistributedSampler
+    if config.augment:
+        fit = AugmentedSlices(fit, segmentation_augmentation(size), config.seed)
+        sampler_type = EpochTaggedSampler
+    sampler = sampler_type(fit, num_replicas=distributed.world_size, rank=distributed.rank, shuffle=True, seed=config.seed)
     pin = task.device.type == "cuda"
     train_loader = DataLoader(fit, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
                               pin_memory=pin, persistent_workers=config.num_workers > 0)

@@ -49,6 +49,8 @@ class Preset:
             added to the synthetic ones and split by patient like them.
         training: the base training configuration (task and weight are set per run).
         segmentation_epochs: epochs of the segmentation pre-training.
+        segmentation_network: g's width and depth (default: the training network's, f's).
+        segmentation_augment: augment g's training slices (``training.augment``).
         alphas, cs: task-adaptive alphas and joint-training Cs (the paper's 0.1, 0.5, 0.9).
         bm3d_sweep: pick BM3D's sigma on training slices (else the paper's 0.075).
         figures: example slices drawn in the report.
@@ -64,6 +66,8 @@ class Preset:
     include_sample: bool
     training: TrainingConfig
     segmentation_epochs: int
+    segmentation_network: UNetConfig | None = None
+    segmentation_augment: bool = False
     real_patients: tuple[str, ...] = ()
     alphas: tuple[float, ...] = (0.1, 0.5, 0.9)
     cs: tuple[float, ...] = (0.1, 0.5, 0.9)
@@ -87,8 +91,11 @@ class Preset:
 
     def config(self, task: str, weight: float = 0.0, segmenter_checkpoint: str | None = None) -> TrainingConfig:
         """The training configuration of one run of this preset."""
-        epochs = self.segmentation_epochs if task == "segmentation" else self.training.epochs
-        return replace(self.training, task=task, weight=weight, epochs=epochs, segmenter_checkpoint=segmenter_checkpoint)
+        if task == "segmentation":
+            return replace(self.training, task=task, weight=weight, epochs=self.segmentation_epochs,
+                           network=self.segmentation_network or self.training.network, augment=self.segmentation_augment,
+                           segmenter_checkpoint=segmenter_checkpoint)
+        return replace(self.training, task=task, weight=weight, segmenter_checkpoint=segmenter_checkpoint)
 
 
 PRESETS: dict[str, Preset] = {
