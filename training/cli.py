@@ -97,6 +97,25 @@ def _float(text: str, problem: str) -> float:
         raise argparse.ArgumentTypeError(f"{problem}, got {text}") from None
 
 
+def _alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1] or 'auto', got {text!r}") from None
+
+
+def _alpha_grid(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}") from None
+    if not all(0.0 < value <= 1.0 for value in values):
+        raise argparse.ArgumentTypeError(f"alphas must be in (0, 1], got {text!r}")
+    return values
+
+
 def _positive_finite(text: str) -> float:
     """Photon counts, noise levels: ``inf`` and ``nan`` parse as floats but would poison the data."""
     problem = "must be a positive finite number"
@@ -202,7 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     trainings = p.add_subparsers(dest="task", required=True, metavar="TASK")
     seg = trainings.add_parser("segmentation", help="pre-train the segmentation U-Net g on full-dose slices")
     rec = trainings.add_parser("reconstruction", help="the reconstruction U-Net f with a frozen pre-trained g (alpha = 0: Base U-Net)")
-    rec.add_argument("--alpha", type=float, default=None, help="task weight alpha in [0, 1] (default: the config's, 0)")
+    rec.add_argument("--alpha", type=_alpha, default=None,
+                     help="task weight alpha in [0, 1] (default: the config's, 0), or 'auto': chosen on validation "
+                          "patients by successive halving over --alpha-grid (see training/alpha_search.py)")
+    rec.add_argument("--alpha-grid", type=_alpha_grid, default=None, metavar="A,B,...",
+                     help="the alphas --alpha auto tries (default: 0.01,0.03,0.1,0.3,0.9)")
+    rec.add_argument("--baseline", type=Path, default=None, metavar="BASE/best.pt",
+                     help="--alpha auto: the Base U-Net whose validation PSNR the rule compares with (default: "
+                          "the search trains one)")
+    rec.add_argument("--psnr-tolerance", type=float, default=None, metavar="DB",
+                     help="--alpha auto: how far below the Base U-Net's validation PSNR a chosen alpha may fall "
+                          "(default: 2 dB)")
     joint = trainings.add_parser("joint", help="joint training of f and g (Adler et al.) with weight C")
     joint.add_argument("--c", type=float, default=None, help="task weight C in [0, 1]")
     for sub in (rec, joint):
@@ -412,6 +441,13 @@ def _train(args: argparse.Namespace, progress: bool) -> int:
     check_output_folder(args.out)
     overrides = [f"task={args.task}", *args.overrides]
     weight = getattr(args, "alpha", None) if args.task == "reconstruction" else getattr(args, "c", None)
+    auto = weight == "auto"
+    search_options = [name for name in ("alpha_grid", "baseline", "psnr_tolerance") if getattr(args, name, None) is not None]
+    if search_options and not auto:
+        option = "--" + search_options[0].replace("_", "-")
+        raise OptionError(option, "is an option of --alpha auto; give --alpha auto or leave it out")
+    if auto:
+        weight = None
     if weight is not None:
         overrides.append(f"weight={weight!r}")
     if getattr(args, "segmenter", None) is not None:
@@ -421,10 +457,23 @@ def _train(args: argparse.Namespace, progress: bool) -> int:
     if getattr(args, "normalise_with", None) is not None:
         overrides.append(f"loss_reference={str(args.normalise_with)!r}")
     config = load_config(args.config, overrides)
+    if auto:
+        return _search_alpha(args, config, progress)
     summary = train(config, args.dataset, args.out, device=args.device, progress=progress)
     print(f"{args.out}: {summary.epochs} epoch(s){' (early stop)' if summary.stopped_early else ''}, best epoch "
           f"{summary.best_epoch} ({summary.selection['metric']} {summary.selection['best_value']:.4g}), {summary.seconds:.0f} s on {summary.world_size} "
           f"process(es); model: {args.out / 'best.pt'}")
+    return 0
+
+
+def _search_alpha(args: argparse.Namespace, config, progress: bool) -> int:
+    from training.alpha_search import DEFAULT_GRID, PSNR_TOLERANCE_DB, search_alpha
+
+    tolerance = PSNR_TOLERANCE_DB if args.psnr_tolerance is None else args.psnr_tolerance
+    record = search_alpha(config, args.dataset, args.out, grid=args.alpha_grid or DEFAULT_GRID, baseline=args.baseline,
+                          tolerance_db=tolerance, device=args.device, progress=progress)
+    print((args.out / "alpha_search.md").read_text())
+    print(f"{args.out}: alpha = {record['chosen']:g} chosen on validation patients; model: {args.out / 'best.pt'}")
     return 0
 
 

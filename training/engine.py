@@ -735,7 +735,8 @@ def train(
     out: str | Path,
     device: str | None = None,
     progress: bool = True,
-) -> TrainingSummary:
+    until: int | None = None,
+) -> TrainingSummary | None:
     """Train (or resume, or skip if finished) one configuration on a simulated data set.
 
     Args:
@@ -747,10 +748,18 @@ def train(
             another is refused.
         device: ``cpu`` or ``cuda``; default CUDA where available.
         progress: show a progress bar over each epoch's batches (rank 0 only).
+        until: stop after this epoch, leaving an unfinished run that a later call continues
+            exactly as an uninterrupted run would (``None``: train to the end). Used by the
+            alpha search, which trains candidates rung by rung.
+
+    Returns:
+        the summary of the finished run; ``None`` when ``until`` stopped it before its end.
 
     Raises:
         ConfigError, DataError: before any training, for settings or data that cannot work.
     """
+    if until is not None and until < 1:
+        raise ConfigError(f"until must be at least 1 epoch, got {until}")
     run = Path(out)
     dataset = dataset if isinstance(dataset, SimulatedDataset) else SimulatedDataset(dataset)
     inputs = run_inputs(config, dataset)
@@ -807,6 +816,11 @@ def train(
     imaging = imaging_settings(dataset, split["fit"] + split["validation"], task.input_method)
     policy = EpochPolicy(run, task, selection, optimizer, scheduler, step, evaluator, distributed, writer, imaging)
     policy.attach(trainer)
+    if until is not None:
+        @trainer.on(Events.EPOCH_COMPLETED)
+        def _pause(engine: Engine) -> None:  # after the policy's handler: last.pt holds this epoch
+            if engine.state.epoch >= until and not policy.stopped_early:
+                engine.terminate()
     if progress and distributed.is_main:
         from ignite.handlers import ProgressBar
 
@@ -824,11 +838,15 @@ def train(
              "best epoch by %s (%s, relative threshold %g)", run, f"{config.task} {_weight_text(config)}".strip(),
              split["fit_slices"], len(split["fit"]), split["validation_slices"], len(split["validation"]),
              distributed.device, distributed.world_size, selection.metric, selection.mode, selection.threshold)
-    already = resume is not None and (resume["policy"]["stopped_early"] or resume["trainer"]["epoch"] >= config.epochs)
-    if not already:
+    done = resume["trainer"]["epoch"] if resume is not None else 0
+    already = resume is not None and (resume["policy"]["stopped_early"] or done >= config.epochs)
+    if not already and (until is None or done < until):
         trainer.run()
     if writer is not None:
         writer.close()
+    if not policy.stopped_early and len(policy.history) < config.epochs:  # paused by ``until``
+        log.info("%s: paused after epoch %d of %d", run, len(policy.history), config.epochs)
+        return None
     seconds = sum(row["seconds"] for row in policy.history)  # every epoch, including those before a resume
     summary = TrainingSummary(task=config.task, weight=config.weight, epochs=len(policy.history), best_epoch=policy.best_epoch,
                               best_score=policy.best_score, stopped_early=policy.stopped_early, seconds=seconds,
