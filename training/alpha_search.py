@@ -37,7 +37,7 @@ from pathlib import Path
 from training.checkpoints import read_model
 from training.config import ConfigError, TrainingConfig
 from training.dataset import SimulatedDataset
-from training.engine import read_summary, train, validation_cases
+from training.engine import read_history, read_summary, train, validation_cases
 from training.errors import DataError
 from training.fileio import atomic_path, save_json
 from training.methods import method_name
@@ -100,7 +100,7 @@ def search_cost(epochs: int, count: int, with_baseline: bool, baseline_epoch_cos
 
 def _candidate(run: Path, alpha: float, rung: int) -> Candidate:
     model = read_model(run / "best.pt")
-    history_epochs = sum(1 for _ in (run / "history.csv").open()) - 1
+    history_epochs = len(read_history(run))
     summary = read_summary(run)
     return Candidate(alpha=alpha, rung=rung, epochs=history_epochs, best_epoch=model.epoch,
                      val_psnr=model.metrics.get("val_psnr", math.nan), val_dice=model.metrics.get("val_dice_volume", math.nan),
@@ -209,7 +209,7 @@ def search_alpha(config: TrainingConfig, dataset: SimulatedDataset | str | Path,
     _publish(runs[chosen], out)
     record = {"rule": f"highest validation Dice (per volume) among alphas within {tolerance_db:g} dB of the Base U-Net's "
                       "validation PSNR, else the highest PSNR",
-              "base_psnr": base_psnr, "baseline": str(Path(baseline).resolve()), "grid": list(grid),
+              "tolerance_db": tolerance_db, "base_psnr": base_psnr, "baseline": str(Path(baseline).resolve()), "grid": list(grid),
               "schedule": [{"epochs": u, "candidates": c} for u, c in schedule(config.epochs, len(grid))],
               "cost_in_trainings": cost, "trained_epochs": trained_epochs, "chosen": chosen,
               "candidates": [asdict(candidate) for candidate in tried]}
@@ -237,7 +237,7 @@ def _write_table(path: Path, record: dict) -> None:
              f"Chosen: alpha = {record['chosen']:g}. Cost: at most {record['cost_in_trainings']:.2f} full trainings.", "",
              "| rung | alpha | epochs | best epoch | val PSNR (dB) | val Dice (c) | within tolerance |",
              "|---|---|---|---|---|---|---|"]
-    tolerance = float(record["rule"].split(" within ")[1].split(" dB")[0])
+    tolerance = record["tolerance_db"]
     for c in record["candidates"]:
         within = c["val_psnr"] >= record["base_psnr"] - tolerance
         lines.append(f"| {c['rung']} | {c['alpha']:g} | {c['epochs']} | {c['best_epoch']} | {c['val_psnr']:.2f} | "
