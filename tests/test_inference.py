@@ -28,7 +28,7 @@ from training.dataset import SimulatedDataset, volume_path
 from training.errors import DataError
 from training.evaluate import evaluate_dataset, pick_figure_slices, read_metrics_csv
 from training.inference import reconstruct_dataset, reconstruct_images, segment_images
-from training.methods import is_known_method, method_label, method_name
+from training.methods import is_known_method, method_label, method_name, without_variant
 from training.metrics import dice_per_class
 from training.networks import UNetConfig, build_reconstruction_net, build_segmentation_net
 from training.phantom import write_phantom_dataset
@@ -118,13 +118,17 @@ def segmenter(data, tmp_path_factory) -> Path:
     ("lowdose", "Low-dose"), ("fbp", "FBP"), ("bm3d", "BM3D"), ("fulldose", "Full-dose"),
     ("baseunet", "Base U-Net"), ("ta0.1", "Task-adaptive α=0.1"), ("ta0.5", "Task-adaptive α=0.5"),
     ("ta1", "Task-adaptive α=1"), ("joint0.9", "Joint training C=0.9"), ("joint0", "Joint training C=0"),
+    ("ta0.5-balanced", "Task-adaptive α=0.5, balanced"), ("baseunet-interp", "Base U-Net, interp"),
+    ("joint0.1-g2", "Joint training C=0.1, g2"),
 ])
 def test_method_labels_of_the_paper(name, label):
     assert is_known_method(name)
     assert method_label(name) == label
 
 
-@pytest.mark.parametrize("name", ["magic", "final", "ta0", "ta0.50", "ta1.5", "joint-0.1", "tanan", "joint", "ta", ""])
+@pytest.mark.parametrize("name", ["magic", "final", "ta0", "ta0.50", "ta1.5", "joint-0.1", "tanan", "joint", "ta", "",
+                                  "ta0.5-", "ta0.5-Balanced", "ta0.5-2x", "ta0-balanced", "-balanced", "fbp-x",
+                                  "ta0.50-balanced", "ta0.5-a-b"])
 def test_unknown_method_names_are_refused(name):
     assert not is_known_method(name)
     with pytest.raises(ValueError, match="unknown method"):
@@ -134,6 +138,12 @@ def test_unknown_method_names_are_refused(name):
 def test_method_names_of_trained_models_are_known():
     for task, weight in [("reconstruction", 0.0), ("reconstruction", 0.1), ("reconstruction", 0.9), ("joint", 0.5)]:
         assert is_known_method(method_name(task, weight))
+        assert is_known_method(method_name(task, weight, "balanced"))
+        assert without_variant(method_name(task, weight, "balanced")) == method_name(task, weight)
+    assert method_name("reconstruction", 0.5, "interp") == "ta0.5-interp"
+    for bad in ("", "Interp", "2x", "a-b"):
+        with pytest.raises(ValueError, match="variant tag"):
+            method_name("reconstruction", 0.5, bad)
 
 
 # ------------------------------------------------------------------ batched forward passes

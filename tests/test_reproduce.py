@@ -14,14 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from training.dataset import SimulatedDataset
+from training.dataset import SimulatedDataset, volume_path
 from training.methods import PSNR_TOLERANCE_DB, default_variant
 from training.presets import PRESETS
 
 TACT = Path(sys.executable).with_name("tact")
-TRAINED = ["baseunet", "ta0.5", "joint0.5"]
-LABELS = ["Low-dose", "FBP", "BM3D", "Base U-Net", "Task-adaptive α=0.5", "Joint training C=0.5", "Full-dose"]
+TRAINED = ["baseunet", "ta0.5", "joint0.5", "ta0.5-balanced", "ta0.5-weakg"]
+LABELS = ["Low-dose", "FBP", "BM3D", "Base U-Net", "Task-adaptive α=0.5", "Joint training C=0.5",
+          "Task-adaptive α=0.5, balanced", "Task-adaptive α=0.5, weakg", "Full-dose"]
 
 
 def reproduce(out: Path) -> subprocess.CompletedProcess:
@@ -39,7 +41,8 @@ def run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 
 def test_smoke_preset_matches_the_paper_methods():
     smoke = PRESETS["smoke"]
-    assert [f"ta{a:g}" for a in smoke.alphas] + [f"joint{c:g}" for c in smoke.cs] == TRAINED[1:]
+    assert ([f"ta{a:g}" for a in smoke.alphas] + [f"joint{c:g}" for c in smoke.cs]
+            + [v.method for v in smoke.variants]) == TRAINED[1:]
     for name in ("cpu", "paper"):
         assert PRESETS[name].alphas == PRESETS[name].cs == (0.1, 0.5, 0.9)
     assert PRESETS["paper"].size == 512 and PRESETS["paper"].training.network.features == 64
@@ -59,15 +62,15 @@ def test_every_stage_ran_and_the_report_is_complete(run):
     assert "training_curves.png" in figures
     assert any(name.startswith("reconstructions_") for name in figures)
     assert any(name.startswith("segmentations_") for name in figures)
-    for stage in ["segmentation", *TRAINED]:
+    for stage in ["segmentation", "segmentation-weakg", *TRAINED]:
         assert (out / "models" / stage / "best.pt").is_file(), stage
     dataset = SimulatedDataset(out / "dataset")
     for method in TRAINED:
         assert dataset.has_method(method)
         assert dataset.methods[method]["checkpoint"] == str((out / "models" / method / "best.pt").resolve())
     cost = json.loads((out / "cost.json").read_text())
-    expected_stages = {"data", "simulate", "fbp", "bm3d", "segmentation", *TRAINED, "evaluate",
-                       *(f"reconstruct {m}" for m in TRAINED)}
+    expected_stages = {"data", "simulate", "fbp", "bm3d", "segmentation", "segmentation-weakg", *TRAINED, "evaluate",
+                       "statistics", *(f"reconstruct {m}" for m in TRAINED)}
     assert set(cost["stages"]) == expected_stages
     assert all(seconds > 0 for seconds in cost["stages"].values())
     assert "compute cost:" in result.stdout and "| **total** |" in (report / "compute_cost.md").read_text()
@@ -189,3 +192,66 @@ def test_the_cpu_preset_adds_the_second_real_patient_and_refuses_a_run_folder_wi
         reproduction._data_written("16")
     marker.write_text(json.dumps(record))
     assert reproduction._data_written("16")
+
+
+def test_each_variant_trains_with_the_options_it_names(run):
+    """The smoke preset's variants: the normalised loss and warm start from the Base U-Net, and
+    interpolation up-sampling under a g of its own trained for one epoch."""
+    out, _ = run
+    models = out / "models"
+    config = {name: yaml.safe_load((models / name / "config.yaml").read_text()) for name in
+              ("ta0.5", "ta0.5-balanced", "ta0.5-weakg", "segmentation", "segmentation-weakg")}
+    base = str(models / "baseunet" / "best.pt")
+    assert (config["ta0.5"]["init_checkpoint"], config["ta0.5"]["loss_reference"]) == (None, None)
+    assert (config["ta0.5-balanced"]["init_checkpoint"], config["ta0.5-balanced"]["loss_reference"]) == (base, base)
+    assert config["ta0.5-balanced"]["network"]["upsample"] == config["ta0.5"]["network"]["upsample"] == "transposed"
+    assert config["ta0.5-weakg"]["network"]["upsample"] == "interpolation"
+    assert config["ta0.5-weakg"]["segmenter_checkpoint"] == str(models / "segmentation-weakg" / "best.pt")
+    assert config["ta0.5-balanced"]["segmenter_checkpoint"] == str(models / "segmentation" / "best.pt")
+    assert (config["segmentation-weakg"]["epochs"], config["segmentation"]["epochs"]) == (1, PRESETS["smoke"].segmentation_epochs)
+    inputs = json.loads((models / "ta0.5-balanced" / "inputs.json").read_text())
+    scales = inputs["loss_reference"]["scales"]
+    assert set(scales) == {"mse", "dice_loss"} and all(value > 0 for value in scales.values())
+
+
+def test_further_seeds_retrain_every_method_on_the_same_slices_and_give_statistics(run):
+    """`--seeds 2` on a finished run: seed 0 is kept, seed 1 trains everything again with training
+    seed + 1 on a hard-linked copy of the data set, and the statistics cover both seeds."""
+    out, _ = run
+    seed0 = {p: p.stat().st_mtime_ns for p in (out / "models").rglob("best.pt")}
+    result = subprocess.run([str(TACT), "-q", "reproduce", "--preset", "smoke", "--out", str(out), "--workers", "2",
+                             "--seeds", "2"], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert {p: p.stat().st_mtime_ns for p in (out / "models").rglob("best.pt")} == seed0
+    seed1 = out / "seeds" / "1"
+    for stage in ["segmentation", "segmentation-weakg", *TRAINED]:
+        config = yaml.safe_load((seed1 / "models" / stage / "config.yaml").read_text())
+        assert config["seed"] == PRESETS["smoke"].training.seed + 1, stage
+        if config.get("segmenter_checkpoint"):
+            assert Path(config["segmenter_checkpoint"]).parent.parent == seed1 / "models", stage  # seed 1's own g
+        assert (seed1 / "models" / stage / "best.pt").read_bytes() != (out / "models" / stage / "best.pt").read_bytes()
+    # the slices, references and baselines are the first seed's files; the reconstructions are seed 1's own
+    first, second = SimulatedDataset(out / "dataset"), SimulatedDataset(seed1 / "dataset")
+    case = first.case_ids("test")[0]
+    for method in ("lowdose", "fulldose", "final", "fbp", "bm3d"):
+        assert volume_path(first.root, method, case).stat().st_ino == volume_path(second.root, method, case).stat().st_ino
+    for method in TRAINED:
+        assert second.methods[method]["checkpoint"] == str((seed1 / "models" / method / "best.pt").resolve())
+        assert volume_path(first.root, method, case).stat().st_ino != volume_path(second.root, method, case).stat().st_ino
+    # per seed: the mean over test patients of each patient's mean PSNR, from that seed's own metrics.csv
+    record = json.loads((out / "report" / "statistics.json").read_text())
+    assert record["seeds"] == 2 and sorted(record["patients"]) == sorted(first.case_ids("test"))
+    for k, report in enumerate((out / "report", seed1 / "report")):
+        with open(report / "metrics.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        for method in ("fbp", "ta0.5-balanced"):
+            per_patient = [np.mean([float(r["psnr"]) for r in rows if r["method"] == method and r["case"] == c])
+                           for c in record["patients"]]
+            assert record["per_seed"][method]["psnr"][k] == pytest.approx(np.mean(per_patient), abs=1e-9)
+    assert record["per_seed"]["fbp"]["psnr"][0] == pytest.approx(record["per_seed"]["fbp"]["psnr"][1], abs=1e-9)
+    assert record["per_seed"]["baseunet"]["psnr"][0] != record["per_seed"]["baseunet"]["psnr"][1]
+    statistics = (out / "report" / "statistics.md").read_text()
+    assert "2 seed(s)" in statistics and "| Task-adaptive α=0.5, balanced vs Base U-Net |" in statistics
+    assert statistics in result.stdout
+    cost = (out / "report" / "compute_cost.md").read_text()
+    assert "| seed 1: segmentation |" in cost and "| seed 1: dataset |" in cost and "| statistics |" in cost

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from training.errors import DataError, OptionError
-from training.methods import PSNR_TOLERANCE_DB, default_variant
+from training.methods import PSNR_TOLERANCE_DB, default_variant, without_variant
 from training.physics import DEFAULT_HANN_SCALING, PHOTONS_PER_BIN
 
 log = logging.getLogger("training")
@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reconstruction domain (default: the preset's: physical for smoke and cpu, lodopab for paper)")
     p.add_argument("--photons", type=_positive_finite, default=None, help="N0, photons per detector bin (default: the preset's)")
     p.add_argument("--angles", type=_positive_int, default=None, help="projection angles over [0, pi) (default: the preset's)")
+    p.add_argument("--seeds", type=_positive_int, default=None,
+                   help="train every method with this many seeds (seed k in RUN/seeds/k; statistics over all of them in "
+                        "report/statistics.md; default: the preset's, 1 except for cpu-seeds)")
 
     p = commands.add_parser("export-models", help="copy models of a `tact reproduce` run into the app's model folder, with a model card")
     p.add_argument("run", type=Path, help="the run folder of `tact reproduce`")
@@ -484,14 +487,18 @@ def _reproduce(args: argparse.Namespace, progress: bool) -> int:
 
     check_output_folder(args.out)
     preset = PRESETS[args.preset].with_simulation(domain=args.domain, photons=args.photons, angles=args.angles)
-    costs = Reproduction(preset, args.out, lits=args.lits, workers=args.workers, device=args.device, progress=progress).run()
+    reproduction = Reproduction(preset, args.out, lits=args.lits, workers=args.workers, device=args.device,
+                                progress=progress, seeds=args.seeds)
+    costs = reproduction.run()
     report = args.out / "report"
     for table in ("table_reconstruction.md", "table_dice.md"):
         print((report / table).read_text())
+    if reproduction.seeds > 1:
+        print((report / "statistics.md").read_text())
     ran = sum(c.seconds for c in costs if c.ran)
     print(f"compute cost: {format_seconds(sum(c.seconds for c in costs))} in all stages "
           f"({format_seconds(ran)} in this invocation); see {report / 'compute_cost.md'}")
-    print(f"report: {report}")
+    print(f"report: {report} (statistics over {reproduction.seeds} seed(s): {report / 'statistics.md'})")
     return 0
 
 
@@ -533,6 +540,11 @@ def _export_models(args: argparse.Namespace, progress: bool) -> int:
     from training.model_card import export_models
 
     models = args.models or trained_models(args.run)
+    variants = [m for m in models if without_variant(m) != m]  # ta0.5-balanced, and a variant's segmentation-<tag>
+    if variants:
+        raise OptionError("--models", f"{', '.join(variants)}: the app names a model by its task and weight, so a "
+                                      "variant would be served under the name of the paper's model; export the "
+                                      "paper's models (segmentation, baseunet, ta<alpha>, joint<C>)")
     reconstructors = [m for m in models if m != "segmentation"]
     if not reconstructors or "segmentation" not in models:
         raise OptionError("--models", "give the segmentation model and at least one reconstructor")
@@ -555,8 +567,11 @@ def _export_models(args: argparse.Namespace, progress: bool) -> int:
 
 
 def trained_models(run: Path) -> list[str]:
-    """The models a ``tact reproduce`` run has trained (``models/<name>/best.pt``): g first, then the reconstructors."""
-    names = sorted(path.parent.name for path in (run / "models").glob("*/best.pt"))
+    """The models a ``tact reproduce`` run has trained (``models/<name>/best.pt``): g first, then the
+    reconstructors; the preset's variants (``ta0.5-balanced``, a variant's own ``segmentation-<tag>``)
+    are left out, since the app serves a model under its task and weight."""
+    names = sorted(path.parent.name for path in (run / "models").glob("*/best.pt")
+                   if without_variant(path.parent.name) == path.parent.name)
     if not names:
         raise DataError(run, "holds no trained model (models/<name>/best.pt); run `tact reproduce` first")
     return sorted(names, key=lambda name: (name != "segmentation", name != "baseunet", name))

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,3 +203,37 @@ class SimulatedDataset:
     def save_manifest(self) -> None:
         """Write the (updated) manifest back, atomically."""
         save_json(self.root / MANIFEST, self.manifest)
+
+
+def link_dataset(source: SimulatedDataset, dest: str | Path, methods: tuple[str, ...] = BASELINES) -> SimulatedDataset:
+    """A second data set at ``dest`` with ``source``'s slices, references and the given methods, by hard links.
+
+    Every writer of this project replaces a file by renaming a new one over it, so a method
+    written later into either data set (a seed's own reconstructions) never changes the
+    other's files. The manifest is written last: an interrupted call leaves no data set at
+    ``dest``, and calling again finishes it.
+
+    Args:
+        source: a finished data set.
+        dest: the new data set's folder (created; files already there are replaced).
+        methods: the methods of ``source`` to carry over (default: the classical baselines it has).
+
+    Returns:
+        the new data set.
+    """
+    dest = Path(dest)
+    kept = [m for m in methods if source.has_method(m)]
+    files = [sinogram_path(source.root, c) for c in source.cases]
+    files += [volume_path(source.root, m, c) for m in (LOWDOSE, SEGMENTATION, FULLDOSE, *kept) for c in source.cases]
+    for path in files:
+        target = dest / path.relative_to(source.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:  # another file system, or one without hard links: a copy costs only disk space
+            shutil.copy2(path, target)
+    manifest = json.loads(json.dumps(source.manifest))
+    manifest["methods"] = {m: record for m, record in source.methods.items() if m in kept}
+    save_json(dest / MANIFEST, manifest)
+    return SimulatedDataset(dest)

@@ -31,7 +31,7 @@ from training.checkpoints import ModelFile, check_input_size, describe_model, lo
 from training.dataset import LOWDOSE, SimulatedDataset, volume_path
 from training.fileio import save_nifti
 from training.grid import ModelGrid, hu_to_network_input
-from training.methods import check_trained_method_name, method_name
+from training.methods import check_trained_method_name, method_name, without_variant
 from training.physics import normalized_to_hu
 from training.provenance import hu_percentiles, input_warnings
 
@@ -189,7 +189,7 @@ def reconstruct_dataset(
     natural = method_name(model.task, model.weight)
     method = natural if method is None else method
     check_trained_method_name(method)
-    if method != natural:
+    if without_variant(method) != natural:  # a variant tag names how it was trained; another weight misleads
         log.warning("writing the %s model %s (its own name: %s) as method %r", model.task, model.path, natural, method)
     check_input_size(model, dataset.settings["size"])
     run_on = default_device(device)

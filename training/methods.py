@@ -3,7 +3,9 @@
 The fixed methods are ``lowdose``, ``fbp``, ``bm3d`` and ``fulldose``; trained
 reconstructors are ``baseunet`` (alpha = 0), ``ta<alpha>`` (task-adaptive) and ``joint<C>``
 (joint training), with the weight written as :func:`method_name` writes it (``ta0.5``,
-``joint0.9``). This module imports neither torch nor MONAI, so that evaluation workers
+``joint0.9``). A trained reconstructor that departs from the paper's training (another
+loss form, a warm start, another g or up-sampling) carries a *variant* tag after a dash:
+``ta0.5-balanced``, ``baseunet-interp``. This module imports neither torch nor MONAI, so that evaluation workers
 can use it without paying for them.
 """
 
@@ -15,13 +17,26 @@ import re
 from training.dataset import BASELINES, FULLDOSE, LOWDOSE, SEGMENTATION
 
 
-def method_name(task: str, weight: float) -> str:
-    """The evaluation name of a trained reconstructor: ``baseunet``, ``ta0.5`` or ``joint0.9``."""
+def method_name(task: str, weight: float, variant: str | None = None) -> str:
+    """The evaluation name of a trained reconstructor: ``baseunet``, ``ta0.5`` or ``joint0.9``,
+    with ``-<variant>`` appended where one is given (``ta0.5-balanced``).
+
+    Raises:
+        ValueError: for a task that does not reconstruct, or a variant tag other than a lower-case
+            letter followed by lower-case letters and digits.
+    """
     if task == "reconstruction":
-        return BASE_UNET if weight == 0.0 else f"ta{weight:g}"
-    if task == "joint":
-        return f"joint{weight:g}"
-    raise ValueError(f"a {task!r} model does not reconstruct")
+        name = BASE_UNET if weight == 0.0 else f"ta{weight:g}"
+    elif task == "joint":
+        name = f"joint{weight:g}"
+    else:
+        raise ValueError(f"a {task!r} model does not reconstruct")
+    if variant is None:
+        return name
+    if not _VARIANT.fullmatch(variant):
+        raise ValueError(f"a variant tag is a lower-case letter followed by lower-case letters and digits "
+                         f"(e.g. balanced, interp), got {variant!r}")
+    return f"{name}-{variant}"
 
 
 RESERVED_METHODS = (LOWDOSE, FULLDOSE, SEGMENTATION, *BASELINES)
@@ -29,14 +44,30 @@ RESERVED_METHODS = (LOWDOSE, FULLDOSE, SEGMENTATION, *BASELINES)
 _FIXED_LABELS = {LOWDOSE: "Low-dose", "fbp": "FBP", "bm3d": "BM3D", FULLDOSE: "Full-dose"}
 BASE_UNET = "baseunet"
 _WEIGHTED = re.compile(r"^(ta|joint)(.+)$")
+_VARIANT = re.compile(r"[a-z][a-z0-9]*")
+
+
+def _split_variant(name: str) -> tuple[str, str | None]:
+    """``("ta0.5", "balanced")`` for ``ta0.5-balanced``; ``(name, None)`` without a valid tag."""
+    base, dash, variant = name.rpartition("-")
+    if dash and base and _VARIANT.fullmatch(variant):
+        return base, variant
+    return name, None
+
+
+def without_variant(name: str) -> str:
+    """A method's name without its variant tag: ``ta0.5`` for ``ta0.5-balanced`` and for ``ta0.5``."""
+    return _split_variant(name)[0]
 
 
 def _trained_weight(name: str) -> tuple[str, float] | None:
-    """``("reconstruction" | "joint", weight)`` of a trained method's name, or None if it is not one.
+    """``("reconstruction" | "joint", weight)`` of a trained method's name (variant tag or not),
+    or None if it is not one.
 
     Only the canonical spelling (:func:`method_name`'s) is accepted, so
     that one model has one name: ``ta0.5``, not ``ta0.50`` or ``ta5e-1``.
     """
+    name = _split_variant(name)[0]
     if name == BASE_UNET:
         return "reconstruction", 0.0
     match = _WEIGHTED.match(name)
@@ -62,7 +93,8 @@ def method_label(method: str) -> str:
 
     ``lowdose`` "Low-dose", ``fbp`` "FBP", ``bm3d`` "BM3D", ``fulldose`` "Full-dose",
     ``baseunet`` "Base U-Net", ``ta0.5`` "Task-adaptive α=0.5", ``joint0.9``
-    "Joint training C=0.9".
+    "Joint training C=0.9"; a variant is named after a comma: ``ta0.5-balanced``
+    "Task-adaptive α=0.5, balanced".
 
     Raises:
         ValueError: for any other name.
@@ -72,11 +104,15 @@ def method_label(method: str) -> str:
     parsed = _trained_weight(method)
     if parsed is None:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(_FIXED_LABELS)}, "
-                         f"{BASE_UNET}, ta<alpha> (e.g. ta0.5) and joint<C> (e.g. joint0.9)")
+                         f"{BASE_UNET}, ta<alpha> (e.g. ta0.5) and joint<C> (e.g. joint0.9), each with an optional "
+                         "-<variant> tag (e.g. ta0.5-balanced)")
     task, weight = parsed
-    if method == BASE_UNET:
-        return "Base U-Net"
-    return f"Task-adaptive α={weight:g}" if task == "reconstruction" else f"Joint training C={weight:g}"
+    variant = _split_variant(method)[1]
+    if task == "reconstruction":
+        label = "Base U-Net" if weight == 0.0 else f"Task-adaptive α={weight:g}"
+    else:
+        label = f"Joint training C={weight:g}"
+    return label if variant is None else f"{label}, {variant}"
 
 
 def check_trained_method_name(method: str) -> None:
@@ -90,7 +126,8 @@ def check_trained_method_name(method: str) -> None:
                          "choose another (by default the model's own: baseunet, ta<alpha>, joint<C>)")
     if _trained_weight(method) is None:
         raise ValueError(f"method name {method!r} is not one the evaluation can label; use {BASE_UNET}, "
-                         "ta<alpha> (e.g. ta0.5) or joint<C> (e.g. joint0.9)")
+                         "ta<alpha> (e.g. ta0.5) or joint<C> (e.g. joint0.9), optionally with a -<variant> tag "
+                         "(e.g. ta0.5-balanced)")
 
 
 PSNR_TOLERANCE_DB = 1.0

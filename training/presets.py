@@ -1,7 +1,7 @@
 """Settings of the whole §3 experiment at three scales (``tact reproduce --preset``).
 
-* ``smoke``: tiny everything, so that CI runs the full pipeline in a few minutes; its
-  numbers mean nothing.
+* ``smoke``: tiny everything, so that CI runs the full pipeline (and every variant option)
+  in a few minutes; its numbers mean nothing.
 * ``cpu``: 128² slices and narrow U-Nets on synthetic phantom patients, the real sample
   (always a test patient) and a second real patient (split like the phantoms), sized to finish on 2 cores in about half an hour. At 128 px
   (3 mm pixels) N0 = 4096 leaves little noise (low-dose 30.3 dB on phantoms, better than
@@ -27,11 +27,58 @@ ours and are recorded in every run's ``config.yaml``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from training.config import TrainingConfig
-from training.networks import UNetConfig
+from training.networks import UPSAMPLING, UNetConfig
 from training.simulate import DOMAINS
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A task-adaptive training beside the paper's, trained and evaluated by ``tact reproduce``
+    as method ``ta<alpha>-<tag>`` (:func:`training.methods.method_name`).
+
+    Args:
+        tag: the variant's name in method names and tables (``balanced`` -> ``ta0.5-balanced``).
+        alpha: the task weight.
+        normalised: the normalised loss with the Base U-Net as reference (``loss_reference``):
+            each term divided by the Base U-Net's value of it, so that alpha is the Dice term's share.
+        warm_start: f starts from the Base U-Net's weights (``init_checkpoint``).
+        upsample: f's up-sampling, ``transposed`` (the U-Net's) or ``interpolation``.
+        segmentation_epochs: train the g of this variant's loss for this many epochs only (a
+            weaker g, stage ``segmentation-<tag>``); the report still judges every method with the
+            preset's g. ``None``: the preset's g.
+    """
+
+    tag: str
+    alpha: float
+    normalised: bool = False
+    warm_start: bool = False
+    upsample: str = "transposed"
+    segmentation_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        from training.methods import method_name
+
+        method_name("reconstruction", 1.0, self.tag)  # refuses a malformed tag
+        if not (math.isfinite(self.alpha) and 0.0 < self.alpha <= 1.0):
+            raise ValueError(f"a variant's alpha must be in (0, 1], got {self.alpha}")
+        if self.upsample not in UPSAMPLING:
+            raise ValueError(f"upsample must be one of {UPSAMPLING}, got {self.upsample!r}")
+        if self.warm_start and self.upsample != "transposed":
+            raise ValueError("a warm start loads the Base U-Net's weights, whose up-sampling is transposed; "
+                             f"variant {self.tag!r} asks for {self.upsample!r}")
+        if self.segmentation_epochs is not None and self.segmentation_epochs < 1:
+            raise ValueError(f"segmentation_epochs must be at least 1, got {self.segmentation_epochs}")
+
+    @property
+    def method(self) -> str:
+        """The variant's method name, ``ta<alpha>-<tag>``."""
+        from training.methods import method_name
+
+        return method_name("reconstruction", self.alpha, self.tag)
 
 
 @dataclass(frozen=True)
@@ -53,6 +100,9 @@ class Preset:
         segmentation_augment: augment g's training slices (``training.augment``).
         segmentation_patience: g's early-stopping patience (default: the training's).
         alphas, cs: task-adaptive alphas and joint-training Cs (the paper's 0.1, 0.5, 0.9).
+        variants: task-adaptive trainings beside the paper's (:class:`Variant`).
+        seeds: how many times every trained method is trained, with training seeds
+            ``training.seed + k`` (``tact reproduce --seeds`` overrides it).
         bm3d_sweep: pick BM3D's sigma on training slices (else the paper's 0.075).
         figures: example slices drawn in the report.
     """
@@ -73,6 +123,8 @@ class Preset:
     real_patients: tuple[str, ...] = ()
     alphas: tuple[float, ...] = (0.1, 0.5, 0.9)
     cs: tuple[float, ...] = (0.1, 0.5, 0.9)
+    variants: tuple[Variant, ...] = ()
+    seeds: int = 1
     bm3d_sweep: bool = True
     figures: int = 3
     test_fraction: float = 0.2
@@ -85,11 +137,24 @@ class Preset:
         unknown = [name for name in self.real_patients if name not in REAL_CASES or name == "sample"]
         if unknown:
             raise ValueError(f"real_patients must be among {[n for n in REAL_CASES if n != 'sample']}, got {unknown}")
+        names = [v.method for v in self.variants]
+        if len(set(names)) < len(names):
+            raise ValueError(f"each variant needs a method name of its own, got {names}")
+        own_g = {(v.tag, v.segmentation_epochs) for v in self.variants}  # one stage segmentation-<tag> per tag
+        if len({tag for tag, _ in own_g}) < len(own_g):
+            raise ValueError("variants of one tag share the stage segmentation-<tag>, so they must agree on "
+                             f"segmentation_epochs; got {sorted(own_g, key=str)}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be at least 1, got {self.seeds}")
 
     def with_simulation(self, domain: str | None = None, photons: float | None = None, angles: int | None = None) -> Preset:
         """This preset with some simulation settings replaced (``None`` keeps the preset's)."""
         changes = {"domain": domain, "photons": photons, "angles": angles}
         return replace(self, **{key: value for key, value in changes.items() if value is not None})
+
+    def with_seed(self, k: int) -> Preset:
+        """This preset for the ``k``-th seed: every training seeded with ``training.seed + k``."""
+        return replace(self, training=replace(self.training, seed=self.training.seed + k))
 
     def config(self, task: str, weight: float = 0.0, segmenter_checkpoint: str | None = None) -> TrainingConfig:
         """The training configuration of one run of this preset."""
@@ -107,6 +172,9 @@ PRESETS: dict[str, Preset] = {
         training=TrainingConfig(network=UNetConfig(features=4, depth=2), epochs=2, batch_size=4, num_workers=0,
                                 early_stopping_patience=2, lr_patience=1, validation_fraction=0.34),
         segmentation_epochs=2, alphas=(0.5,), cs=(0.5,), bm3d_sweep=False, figures=1, test_fraction=0.25,
+        # every variant option once, so that CI runs each through the whole pipeline
+        variants=(Variant("balanced", 0.5, normalised=True, warm_start=True),
+                  Variant("weakg", 0.5, upsample="interpolation", segmentation_epochs=1)),
     ),
     "cpu": Preset(
         name="cpu", size=128, angles=1000, photons=1024, domain="physical", phantom_volumes=16, phantom_slices=24, include_sample=True,

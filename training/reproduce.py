@@ -9,12 +9,19 @@ Stages, each skipped when a previous run of the same command finished it::
     baseunet      f with alpha = 0 (MSE only)
     ta<alpha>     f with the frozen g, for each alpha
     joint<C>      f and g trained together, for each C
+    ta<alpha>-<tag>  the preset's variants (another loss form, a warm start, a weaker g, ...),
+                  with segmentation-<tag> first where the variant trains its own g
     reconstruct   each trained f applied to the data set
     evaluate      Tables I and II, Figures 3 and 4, training curves
+    seed <k>: ... with ``--seeds N``, every stage from ``segmentation`` on again for seeds
+                  k = 1 .. N-1 (training seed + k) in ``seeds/<k>/``, on a hard-linked copy of
+                  the data set and its baselines
+    statistics    ``report/statistics.md``: intervals and paired tests over patients, slices and seeds
 
 Layout of ``RUN/``::
 
     lits/  dataset/  models/<stage>/  report/  cost.json
+    seeds/<k>/dataset/  seeds/<k>/models/<stage>/  seeds/<k>/report/  seeds/<k>/cost.json
 
 ``cost.json`` keeps the wall time of every stage (from the run that executed it), and the
 report's ``compute_cost.md`` states the total, so the cost of a reproduction is on record
@@ -29,17 +36,18 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from training.checkpoints import read_model
-from training.dataset import SimulatedDataset
+from training.config import TrainingConfig
+from training.dataset import SimulatedDataset, link_dataset
 from training.errors import DataError
 from training.fileio import atomic_path, save_json
-from training.methods import method_name
-from training.presets import PRESETS, Preset
+from training.methods import BASE_UNET, method_name
+from training.presets import PRESETS, Preset, Variant
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +73,14 @@ class Reproduction:
         workers: processes for simulation, baselines and evaluation (default: every core).
         device: training device (default: CUDA where available).
         progress: progress bars.
+        seeds: how many seeds every trained method is trained with (default: the preset's).
+        shared_dataset: for a further seed's reproduction only: the data set (with its baselines)
+            of the first seed, hard-linked into this run instead of the data stages.
     """
 
     def __init__(self, preset: Preset | str, out: str | Path, lits: str | Path | None = None,
-                 workers: int | None = None, device: str | None = None, progress: bool = True) -> None:
+                 workers: int | None = None, device: str | None = None, progress: bool = True,
+                 seeds: int | None = None, shared_dataset: SimulatedDataset | None = None) -> None:
         if isinstance(preset, str):
             if preset not in PRESETS:
                 raise ValueError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
@@ -77,6 +89,10 @@ class Reproduction:
         self.out = Path(out)
         self.lits = Path(lits) if lits is not None else None
         self.workers, self.device, self.progress = workers, device, progress
+        self.seeds = preset.seeds if seeds is None else seeds
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be at least 1, got {self.seeds}")
+        self.shared_dataset = shared_dataset
         self.costs: list[StageCost] = []
         self._recorded = self._read_costs()
         if self.lits is not None:
@@ -126,13 +142,35 @@ class Reproduction:
     def model_dir(self, stage: str) -> Path:
         return self.out / "models" / stage
 
+    def seed_dir(self, k: int) -> Path:
+        """The run folder of the ``k``-th further seed (k >= 1)."""
+        return self.out / "seeds" / str(k)
+
+    @property
+    def reports(self) -> list[Path]:
+        """The report folder of every seed, seed 0 first."""
+        return [self.out / "report", *(self.seed_dir(k) / "report" for k in range(1, self.seeds))]
+
     def run(self) -> list[StageCost]:
         """Run every stage that is not done yet; returns each stage's cost."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        dataset = self._prepare_dataset() if self.shared_dataset is None else self._link_dataset(self.shared_dataset)
+        methods = self._train_and_evaluate(dataset)
+        if self.shared_dataset is None:
+            for k in range(1, self.seeds):
+                seed = Reproduction(self.preset.with_seed(k), self.seed_dir(k), workers=self.workers, device=self.device,
+                                    progress=self.progress, seeds=1, shared_dataset=dataset)
+                self.costs += [replace(cost, stage=f"seed {k}: {cost.stage}") for cost in seed.run()]
+            self._stage("statistics", False, lambda: self._statistics(methods))
+            self._write_cost_report()
+        return self.costs
+
+    def _prepare_dataset(self) -> SimulatedDataset:
+        """The stages up to the classical baselines: data, simulation, FBP, BM3D."""
         from training.baselines import run_bm3d, run_fbp
         from training.simulate import SimulationSettings, simulate_dataset
 
         preset = self.preset
-        self.out.mkdir(parents=True, exist_ok=True)
         sample_case = str(preset.phantom_volumes) if self.lits is None and preset.include_sample else None
         self._stage("data", self.lits is not None or self._data_written(sample_case), lambda: self._write_phantoms(sample_case))
         settings = SimulationSettings(photons=preset.photons, num_angles=preset.angles, size=preset.size, domain=preset.domain,
@@ -145,21 +183,51 @@ class Reproduction:
                     lambda: run_fbp(dataset, workers=self.workers, progress=self.progress))
         self._stage("bm3d", dataset.has_method("bm3d"),
                     lambda: run_bm3d(dataset, sweep=preset.bm3d_sweep, workers=self.workers, progress=self.progress))
+        return dataset
 
+    def _link_dataset(self, shared: SimulatedDataset) -> SimulatedDataset:
+        """A further seed's data set: the first seed's slices and baselines, hard-linked."""
+        self._stage("dataset", _complete(self.dataset_dir), lambda: link_dataset(shared, self.dataset_dir))
+        return SimulatedDataset(self.dataset_dir)
+
+    def _train_and_evaluate(self, dataset: SimulatedDataset) -> list[str]:
+        """g, every reconstructor, their reconstructions and the report; returns the evaluated methods."""
+        preset = self.preset
         segmenter = self.model_dir("segmentation") / "best.pt"
+        base = self.model_dir(BASE_UNET) / "best.pt"
         self._train("segmentation", preset.config("segmentation"))
-        reconstructions = {"baseunet": preset.config("reconstruction", 0.0, str(segmenter))}
+        reconstructions = {BASE_UNET: preset.config("reconstruction", 0.0, str(segmenter))}
         for alpha in preset.alphas:
             reconstructions[method_name("reconstruction", alpha)] = preset.config("reconstruction", alpha, str(segmenter))
         for c in preset.cs:
             reconstructions[method_name("joint", c)] = preset.config("joint", c)
+        for variant in preset.variants:
+            reconstructions[variant.method] = self._variant_config(variant, segmenter, base)
         for stage, config in reconstructions.items():
             self._train(stage, config)
         for stage in reconstructions:
             self._reconstruct(dataset, stage)
         self._stage("evaluate", False, lambda: self._evaluate(dataset, list(reconstructions), segmenter))
-        self._write_cost_report()
-        return self.costs
+        if self.shared_dataset is not None:
+            self._write_cost_report()
+        return ["lowdose", "fbp", "bm3d", *reconstructions, "fulldose"]
+
+    def _variant_config(self, variant: Variant, segmenter: Path, base: Path) -> TrainingConfig:
+        """A variant's training configuration; trains the variant's own g first where it has one."""
+        if variant.segmentation_epochs is not None:
+            stage = f"segmentation-{variant.tag}"
+            self._train(stage, replace(self.preset.config("segmentation"), epochs=variant.segmentation_epochs))
+            segmenter = self.model_dir(stage) / "best.pt"
+        config = self.preset.config("reconstruction", variant.alpha, str(segmenter))
+        return replace(config, network=replace(config.network, upsample=variant.upsample),
+                       init_checkpoint=str(base) if variant.warm_start else None,
+                       loss_reference=str(base) if variant.normalised else None)
+
+    def _statistics(self, methods: list[str]) -> None:
+        from training.statistics import write_statistics
+
+        write_statistics(self.reports, methods, self.out / "report",
+                         title=f"`tact reproduce --preset {self.preset.name} --seeds {self.seeds}`")
 
     def _check_existing_dataset(self, settings) -> None:
         """Refuse a run folder whose data set was simulated with other settings (a finished one would be reused)."""
@@ -235,6 +303,8 @@ class Reproduction:
 
         methods = ["lowdose", "fbp", "bm3d", *trained, "fulldose"]
         report = self.out / "report"
+        stale = report / "statistics.md"  # the statistics of an earlier evaluation would no longer match
+        stale.unlink(missing_ok=True)
         evaluate_dataset(SimulatedDataset(dataset.root), methods, report, split="test", figures=self.preset.figures,
                          workers=self.workers, progress=self.progress, segmenter=segmenter, device=self.device)
         runs = {"segmentation": self.model_dir("segmentation"), **{m: self.model_dir(m) for m in trained}}
