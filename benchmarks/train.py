@@ -9,7 +9,16 @@ the experiment:
 * ``base``: the Base U-Net, f with MSE only (alpha = 0);
 * ``task-adaptive``: f with ``(1 - alpha) MSE + alpha Dice(g(f(x)))``, g loaded from a
   model file and frozen: g forward, and backward through g into f;
-* ``joint``: f and g trained together (weight C), both optimised by Adam.
+* ``joint``: f and g trained together (weight C), both optimised by Adam;
+* ``normalised``: task-adaptive with the normalised loss (``loss_reference``): the same
+  step with each term divided by its reference scale, plus the one-off pass of the
+  reference f and g over the validation slices that measures those scales (timed per slice
+  and projected onto the preset's validation slices).
+
+After the table, the cost of ``--alpha auto`` (successive halving over the default grid)
+is stated in task-adaptive trainings (``training.alpha_search.search_cost``) and, from the
+measured task-adaptive rate, in minutes beside one plain task-adaptive training of the
+same configuration.
 
 Each kind also gets a validation row (``training.engine.ValidationStep``: forward and
 metrics, no gradients), which is what every epoch ends with. Inputs are random tensors of
@@ -36,7 +45,7 @@ stopping) of the training wall time on one such device, set beside the paper's 2
 on 4 x A100.
 
     .venv/bin/python benchmarks/train.py [--configs paper cpu] [--device cpu|cuda]
-        [--steps segmentation base task-adaptive joint] [--iterations N] [--warmup N] [--batch N]
+        [--steps segmentation base task-adaptive joint normalised] [--iterations N] [--warmup N] [--batch N]
 """
 
 from __future__ import annotations
@@ -55,9 +64,12 @@ from types import SimpleNamespace
 from typing import Any
 
 CONFIGS = ("paper", "cpu")
-STEPS = ("segmentation", "base", "task-adaptive", "joint")
+STEPS = ("segmentation", "base", "task-adaptive", "joint", "normalised")
+PROJECTED_STEPS = ("segmentation", "base", "task-adaptive", "joint")
+"""The kinds of training `tact reproduce --preset paper` runs, which the projection needs."""
 STEP_NAMES = {"segmentation": "segmentation (g)", "base": "Base U-Net (f, MSE)",
-              "task-adaptive": "task-adaptive (f, frozen g)", "joint": "joint (f and g)"}
+              "task-adaptive": "task-adaptive (f, frozen g)", "joint": "joint (f and g)",
+              "normalised": "task-adaptive, normalised loss"}
 # (autocast, channels-last): the two switches of TrainingConfig that act on CUDA only.
 CUDA_VARIANTS = {"fp32": (False, False), "fp32-cl": (False, True), "amp": (True, False), "amp-cl": (True, True)}
 
@@ -125,9 +137,11 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         "task-adaptive": ("reconstruction", preset.alphas[len(preset.alphas) // 2], spec["segmenter"]),
         # Joint training starts g from scratch in `tact reproduce`.
         "joint": ("joint", preset.cs[len(preset.cs) // 2], None),
+        "normalised": ("reconstruction", preset.alphas[len(preset.alphas) // 2], spec["segmenter"]),
     }[row.step]
     config = preset.config(task_name, weight, segmenter)
-    config = replace(config, batch_size=row.batch, amp=amp, channels_last=channels_last)
+    config = replace(config, batch_size=row.batch, amp=amp, channels_last=channels_last,
+                     loss_reference=spec["reference"] if row.step == "normalised" else None)
 
     cuda = row.device == "cuda"
     device = torch.device("cuda:0" if cuda else "cpu")
@@ -177,6 +191,13 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(device)
         result["train_s"] = timed(train_step)
         result["train_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _peak_rss_mib() - rss_before
+        if row.step == "normalised":  # the one-off reference pass, after the step: measure_loss_scales drops the reference
+            slices = [{key: value[i] for key, value in batch.items()} for i in range(b)] * max(row.iterations, 1)
+            sync()
+            start = time.perf_counter()
+            task.measure_loss_scales(slices)
+            sync()
+            result["reference_s_per_slice"] = (time.perf_counter() - start) / len(slices)
     except torch.cuda.OutOfMemoryError:
         result["error"] = "out of memory"
     return result
@@ -186,9 +207,9 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 # Parent: rows in subprocesses, the table and the projection
 
 
-def measure(row: Row, segmenter: str) -> dict[str, Any]:
+def measure(row: Row, segmenter: str, reference: str) -> dict[str, Any]:
     """Run one row in a fresh interpreter (so its memory peak is its own) and read its JSON."""
-    spec = {**row.__dict__, "segmenter": segmenter}
+    spec = {**row.__dict__, "segmenter": segmenter, "reference": reference}
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:  # e.g. killed for host memory: report it, keep the other rows
         return {"error": f"child exited with status {done.returncode}"}
@@ -215,15 +236,10 @@ def projection(results: dict[str, dict[str, Any]], label: str) -> list[str]:
     from training.presets import PRESETS
 
     preset = PRESETS["paper"]
-    train_slices = round(PAPER_SLICES * PAPER_TRAIN_FRACTION)
-    validation_slices = round(train_slices * preset.training.validation_fraction)
-    fit_slices = train_slices - validation_slices
+    fit_slices, validation_slices = split_slices("paper")
     runs = [("segmentation", preset.segmentation_epochs, 1), ("base", preset.training.epochs, 1),
             ("task-adaptive", preset.training.epochs, len(preset.alphas)), ("joint", preset.training.epochs, len(preset.cs))]
-    per_run: dict[str, float] = {}
-    for step, epochs, _ in runs:
-        r = results[step]
-        per_run[step] = epochs * (fit_slices * r["train_s"] / r["batch"] + validation_slices * r["validation_s"] / r["batch"])
+    per_run = {step: _training_seconds("paper", results[step], epochs) for step, epochs, _ in runs}
     sequential = sum(per_run[step] * count for step, _, count in runs)
     reconstruction_runs = [per_run[step] for step, _, count in runs[1:] for _ in range(count)]
     # g must be trained before the reconstruction runs that load it; then 4 run at once.
@@ -240,13 +256,61 @@ def projection(results: dict[str, dict[str, Any]], label: str) -> list[str]:
     return lines
 
 
+def split_slices(config: str) -> tuple[int, int]:
+    """(training, validation) slices of a configuration's trainings: the paper's 19,163 slices for
+    ``paper``, the phantom slices for the others (their real patients add a few), split by the
+    preset's fractions (approximately: the split is by patient)."""
+    from training.presets import PRESETS
+
+    preset = PRESETS[config]
+    if config == "paper":
+        train = round(PAPER_SLICES * PAPER_TRAIN_FRACTION)
+    else:
+        train = round(preset.phantom_volumes * preset.phantom_slices * (1 - preset.test_fraction))
+    validation = round(train * preset.training.validation_fraction)
+    return train - validation, validation
+
+
+def _training_seconds(config: str, result: dict[str, Any], epochs: int) -> float:
+    """Wall time of ``epochs`` epochs of one training of ``config`` at the measured rates (no early stop)."""
+    fit, validation = split_slices(config)
+    return epochs * (fit * result["train_s"] + validation * result["validation_s"]) / result["batch"]
+
+
+def option_costs(config: str, rows: dict[str, dict[str, Any]], variant: str) -> list[str]:
+    """The normalised loss and the alpha search against one plain task-adaptive training of ``config``."""
+    from training.alpha_search import DEFAULT_GRID, search_cost
+    from training.presets import PRESETS
+
+    plain = rows.get("task-adaptive")
+    if plain is None or "error" in plain:
+        return [f"({config} {variant}: no option costs without a task-adaptive row)"]
+    epochs = PRESETS[config].training.epochs
+    fit, validation = split_slices(config)
+    one = _training_seconds(config, plain, epochs)
+    lines = [f"**Options against one plain task-adaptive training, {config} {variant}** ({epochs} epochs x ({fit} "
+             f"training + {validation} validation slices) = {_duration(one)} at the measured rate, no early stop):"]
+    normalised = rows.get("normalised")
+    if normalised is not None and "error" not in normalised:
+        run = _training_seconds(config, normalised, epochs) + validation * normalised["reference_s_per_slice"]
+        lines.append(f"- normalised loss: step {normalised['train_s'] / plain['train_s']:.2f}x the plain step's time, "
+                     f"plus {validation * normalised['reference_s_per_slice']:.1f} s once for the reference's scales on "
+                     f"{validation} validation slices: {_duration(run)} per training ({run / one:.2f}x)")
+    for with_baseline in (False, True):
+        cost = search_cost(epochs, len(DEFAULT_GRID), with_baseline=with_baseline)
+        lines.append(f"- --alpha auto over {len(DEFAULT_GRID)} alphas, "
+                     f"{'training its own Base U-Net' if with_baseline else 'with --baseline given'}: at most "
+                     f"{cost:.2f} trainings = {_duration(cost * one)}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
                         help="configurations to measure (default: both); the projection needs 'paper'")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
-                        help="training kinds to measure (default: all four); the projection needs all four")
+                        help="training kinds to measure (default: all five); the projection needs the first four")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="device to train on (default: cuda where available, else cpu)")
     parser.add_argument("--iterations", type=int, default=None,
@@ -269,8 +333,8 @@ def main() -> None:
 
     import torch
 
-    from training.checkpoints import SEGMENTER, save_model
-    from training.networks import build_segmentation_net
+    from training.checkpoints import RECONSTRUCTOR, SEGMENTER, save_model
+    from training.networks import build_reconstruction_net, build_segmentation_net
     from training.presets import PRESETS
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -303,9 +367,12 @@ def main() -> None:
         for config in args.configs:
             preset = PRESETS[config]
             network = preset.training.network
-            # A random g in a model file: the frozen g is loaded from one, as in training.
+            g_network = preset.config("segmentation").network  # g keeps its own architecture under f
+            # A random g and a random Base U-Net in model files: both are loaded from one, as in training.
             segmenter = str(Path(tmp) / f"{config}-segmenter.pt")
-            save_model(segmenter, "segmentation", 0.0, network, {SEGMENTER: build_segmentation_net(network)}, 0, {})
+            save_model(segmenter, "segmentation", 0.0, g_network, {SEGMENTER: build_segmentation_net(g_network)}, 0, {})
+            reference = str(Path(tmp) / f"{config}-baseunet.pt")
+            save_model(reference, "reconstruction", 0.0, network, {RECONSTRUCTOR: build_reconstruction_net(network)}, 0, {})
             batch = args.batch or (CPU_PAPER_BATCH if device == "cpu" and config == "paper" else preset.training.batch_size)
             for variant in variants:
                 for step in args.steps:
@@ -313,10 +380,11 @@ def main() -> None:
                               args.warmup if args.warmup is not None else default(config, (1, 3), (5, 10)),
                               args.iterations or default(config, (2, 10), (20, 50)))
                     started = time.perf_counter()
-                    result = {**measure(row, segmenter), "batch": batch}
+                    result = {**measure(row, segmenter, reference), "batch": batch}
                     results[config, variant, step] = result
                     print(f"  measured {config} {step} {variant} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-                    head = (f"| {config} | {preset.size}² | {network.features}->{network.filters[-1]}, depth {network.depth} "
+                    nets = network if step != "segmentation" else g_network
+                    head = (f"| {config} | {preset.size}² | {nets.features}->{nets.filters[-1]}, depth {nets.depth} "
                             f"| {STEP_NAMES[step]} |")
                     if "error" in result:
                         table.append(f"{head} train | {device} | {variant} | | {batch} | {row.iterations} | "
@@ -331,8 +399,12 @@ def main() -> None:
     print()
     print("\n".join(table))
     print()
-    if "paper" not in args.configs or set(args.steps) != set(STEPS):
-        print("(no projection: it needs the paper config and all four training kinds)")
+    for config in args.configs:
+        for variant in variants:
+            print("\n".join(option_costs(config, {step: results[config, variant, step] for step in args.steps
+                                                  if (config, variant, step) in results}, variant)))
+    if "paper" not in args.configs or not set(PROJECTED_STEPS) <= set(args.steps):
+        print("(no projection: it needs the paper config and the four training kinds of the experiment)")
         return
     paper = PRESETS["paper"]
     train_slices = round(PAPER_SLICES * PAPER_TRAIN_FRACTION)
@@ -347,7 +419,7 @@ def main() -> None:
     print(f"- the paper's 23 h 38 min covers training and testing on {PAPER_DEVICES} x A100 80 GB running "
           f"{PAPER_DEVICES} trainings at once; it names neither epochs nor batch size, so the epochs above are ours")
     for variant in variants:
-        rows = {step: results["paper", variant, step] for step in STEPS}
+        rows = {step: results["paper", variant, step] for step in PROJECTED_STEPS}
         failed = [step for step, r in rows.items() if "error" in r]
         if failed:
             print(f"\n({variant}: no projection, {', '.join(failed)} failed)")

@@ -255,3 +255,22 @@ def test_further_seeds_retrain_every_method_on_the_same_slices_and_give_statisti
     assert statistics in result.stdout
     cost = (out / "report" / "compute_cost.md").read_text()
     assert "| seed 1: segmentation |" in cost and "| seed 1: dataset |" in cost and "| statistics |" in cost
+
+
+def test_evaluate_with_a_segmenter_writes_the_statistics_of_its_report(run, tmp_path):
+    out, _ = run
+    report = tmp_path / "report"
+    methods = ["lowdose", "bm3d", "baseunet", "ta0.5-balanced", "fulldose"]
+    result = subprocess.run([str(TACT), "-q", "evaluate", "--dataset", str(out / "dataset"), "--methods", ",".join(methods),
+                             "--segmenter", str(out / "models" / "segmentation" / "best.pt"), "--out", str(report),
+                             "--figures", "0", "--workers", "2"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((report / "statistics.json").read_text())
+    assert record["seeds"] == 1 and set(record["estimates"]) == set(methods)
+    with open(report / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    per_patient = [np.mean([float(r["psnr"]) for r in rows if r["method"] == "bm3d" and r["case"] == c])
+                   for c in record["patients"]]
+    assert record["estimates"]["bm3d"]["psnr"][0] == pytest.approx(np.mean(per_patient), abs=1e-9)
+    assert {(t["method"], t["reference"]) for t in record["tests"]} == {("ta0.5-balanced", "baseunet"), ("ta0.5-balanced", "bm3d")}
+    assert "statistics.md" in result.stdout

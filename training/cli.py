@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--dataset", required=True, type=Path, help="data set folder from `tact simulate`")
         sub.add_argument("--workers", type=_positive_int, default=None, help="processes (default: every core)")
 
-    p = commands.add_parser("evaluate", help="PSNR/SSIM per slice, Table I and figures")
+    p = commands.add_parser("evaluate", help="PSNR/SSIM per slice, Table I and figures; with --segmenter Table II, "
+                                             "Fig. 4 and statistics.md (intervals, paired tests)")
     p.add_argument("--dataset", required=True, type=Path, help="data set folder from `tact simulate`")
     p.add_argument("--methods", type=_methods, default=None,
                    help="comma-separated (default: every method the data set has: lowdose, fbp, bm3d, trained "
@@ -412,6 +413,7 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     from training.dataset import SimulatedDataset
     from training.evaluate import evaluate_dataset
     from training.fileio import check_output_folder
+    from training.statistics import write_statistics
 
     check_output_folder(args.out)
     dataset = SimulatedDataset(args.dataset)
@@ -422,7 +424,8 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     print((args.out / "table_reconstruction.md").read_text())
     if args.segmenter is not None:
         print((args.out / "table_dice.md").read_text())
-    print(f"report: {args.out}")
+        write_statistics([args.out], methods, args.out, title=f"`tact evaluate` of {args.dataset} ({args.split} split)")
+    print(f"report: {args.out}" + (f" (intervals and paired tests: {args.out / 'statistics.md'})" if args.segmenter else ""))
     return 0
 
 

@@ -303,8 +303,6 @@ class Reproduction:
 
         methods = ["lowdose", "fbp", "bm3d", *trained, "fulldose"]
         report = self.out / "report"
-        stale = report / "statistics.md"  # the statistics of an earlier evaluation would no longer match
-        stale.unlink(missing_ok=True)
         evaluate_dataset(SimulatedDataset(dataset.root), methods, report, split="test", figures=self.preset.figures,
                          workers=self.workers, progress=self.progress, segmenter=segmenter, device=self.device)
         runs = {"segmentation": self.model_dir("segmentation"), **{m: self.model_dir(m) for m in trained}}
