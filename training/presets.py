@@ -152,6 +152,15 @@ class Preset:
         changes = {"domain": domain, "photons": photons, "angles": angles}
         return replace(self, **{key: value for key, value in changes.items() if value is not None})
 
+    def shares_stages_with(self, other: Preset) -> bool:
+        """Whether a run folder of ``other`` can be continued with this preset: the same data, simulation,
+        baselines, g and training settings, so that every stage the two have in common is the same run
+        (only the methods, variants, seeds and figures may differ)."""
+        def key(preset: Preset) -> Preset:
+            return replace(preset, name="", alphas=(), cs=(), variants=(), seeds=1, figures=0)
+
+        return key(self) == key(other)
+
     def with_seed(self, k: int) -> Preset:
         """This preset for the ``k``-th seed: every training seeded with ``training.seed + k``."""
         return replace(self, training=replace(self.training, seed=self.training.seed + k))

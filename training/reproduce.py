@@ -107,7 +107,8 @@ class Reproduction:
         if not path.is_file():
             return {}
         record = json.loads(path.read_text())
-        if record.get("preset") != self.preset.name:
+        recorded = PRESETS.get(record.get("preset"))
+        if record.get("preset") != self.preset.name and (recorded is None or not self.preset.shares_stages_with(recorded)):
             raise DataError(self.out, f"holds a reproduction with preset {record.get('preset')!r}, not "
                                       f"{self.preset.name!r}; use a new --out")
         return dict(record["stages"])
