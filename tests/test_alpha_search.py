@@ -108,6 +108,16 @@ def test_a_real_search_records_every_alpha_and_leaves_the_continued_run_of_the_c
          "--out", str(reuse), "epochs=2", *TINY)
     assert not (reuse / "search" / "baseunet").exists()
     assert json.loads((reuse / "alpha_search.json").read_text())["base_psnr"] == pytest.approx(base)
+    # With the normalised loss and a warm start, both from that Base U-Net: every candidate uses them.
+    base_unet = out / "search" / "baseunet" / "best.pt"
+    balanced = tmp_path / "balanced"
+    tact("train", "reconstruction", "--alpha", "auto", "--alpha-grid", "0.1,0.9", "--baseline", str(base_unet),
+         "--init", str(base_unet), "--normalise-with", str(base_unet), "--segmenter", str(segmenter),
+         "--dataset", str(data), "--out", str(balanced), "epochs=2", *TINY)
+    for run in (balanced, *(balanced / "search").glob("ta*")):
+        inputs = json.loads((run / "inputs.json").read_text())
+        assert inputs["init"]["path"] == inputs["loss_reference"]["path"] == str(base_unet.resolve()), run
+        assert set(inputs["loss_reference"]["scales"]) == {"mse", "dice_loss"}, run
     refused = tact("train", "reconstruction", "--alpha", "auto", "--baseline", str(out / "search" / "baseunet" / "best.pt"),
                    "--segmenter", str(segmenter), "--dataset", str(data), "--out", str(tmp_path / "other"), "epochs=2",
                    *TINY, "seed=5", check=False)

@@ -194,6 +194,26 @@ def test_the_cpu_preset_adds_the_second_real_patient_and_refuses_a_run_folder_wi
     assert reproduction._data_written("16")
 
 
+def test_a_run_folder_is_continued_only_by_a_preset_with_the_same_data_g_and_training(tmp_path):
+    """cpu-seeds continues a cpu run (its seed 0 is the cpu run's); demo-models, of other data and g, may not."""
+    from dataclasses import replace
+
+    from training.errors import DataError
+    from training.reproduce import Reproduction
+
+    cpu, seeds = PRESETS["cpu"], PRESETS["cpu-seeds"]
+    assert seeds.shares_stages_with(cpu) and cpu.shares_stages_with(seeds)
+    assert (seeds.seeds, seeds.training, seeds.config("segmentation")) == (3, cpu.training, cpu.config("segmentation"))
+    assert not PRESETS["demo-models"].shares_stages_with(cpu)
+    assert not replace(cpu, segmentation_epochs=79).shares_stages_with(cpu)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "cost.json").write_text(json.dumps({"preset": "cpu", "stages": {"data": 1.0}}))
+    assert Reproduction(seeds, run)._recorded == {"data": 1.0}
+    with pytest.raises(DataError, match="holds a reproduction with preset 'cpu', not 'demo-models'"):
+        Reproduction(PRESETS["demo-models"], run)
+
+
 def test_each_variant_trains_with_the_options_it_names(run):
     """The smoke preset's variants: the normalised loss and warm start from the Base U-Net, and
     interpolation up-sampling under a g of its own trained for one epoch."""

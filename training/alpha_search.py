@@ -128,8 +128,10 @@ def _baseline_psnr(baseline: Path, config: TrainingConfig, dataset: SimulatedDat
 def _read_state(search: Path, config: TrainingConfig, grid: tuple[float, ...], tolerance_db: float,
                 base_psnr: float) -> dict:
     """The rungs an earlier invocation finished; a search folder of other settings is refused."""
-    settings = {"config": asdict(replace(config, weight=0.0)), "grid": list(grid), "tolerance_db": tolerance_db,
-                "base_psnr": base_psnr}
+    # The configuration without its weight, which the search sets (a weight of 0 would be refused
+    # together with the normalised loss).
+    searched = {key: value for key, value in asdict(config).items() if key != "weight"}
+    settings = {"config": searched, "grid": list(grid), "tolerance_db": tolerance_db, "base_psnr": base_psnr}
     path = search / STATE_FILE
     if not path.is_file():
         return {"settings": settings, "rungs": []}

@@ -254,10 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="configuration overrides, e.g. epochs=20 network.features=16 batch_size=4")
 
     p = commands.add_parser("reproduce", help="the paper's whole experiment: data -> simulation -> baselines -> all trainings -> report")
-    p.add_argument("--preset", choices=("smoke", "cpu", "demo-models", "paper"), default="cpu",
-                   help="smoke: CI-sized; cpu: 128 px, narrow U-Nets, about 30 min on 2 cores; demo-models: the cpu preset with "
-                        "the Base U-Net and small alphas, for `tact export-models`; paper: the paper's settings, for GPUs "
-                        "(default: %(default)s)")
+    p.add_argument("--preset", choices=("smoke", "cpu", "cpu-seeds", "demo-models", "paper"), default="cpu",
+                   help="smoke: CI-sized; cpu: 128 px, narrow U-Nets, under an hour on 2 cores; cpu-seeds: the cpu preset's "
+                        "data and g with 3 seeds of the Base U-Net, alpha = 0.1 under a strong and a weak g and the "
+                        "balanced setting; demo-models: the cpu preset with the Base U-Net and small alphas, for "
+                        "`tact export-models`; paper: the paper's settings, for GPUs (default: %(default)s)")
     p.add_argument("--lits", type=Path, default=None, help="LiTS-format folder (default: synthetic phantoms plus the real sample)")
     p.add_argument("--out", required=True, type=Path, help="run folder; finished stages are skipped when re-run")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes for simulation, baselines, evaluation (default: every core)")

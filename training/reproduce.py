@@ -281,12 +281,14 @@ class Reproduction:
             write_lits_case(lits, int(case), volume)
         (lits / ".complete").write_text(json.dumps(record))
 
-    def _train(self, stage: str, config) -> None:
-        from training.engine import read_summary, train
+    def _train(self, stage: str, config: TrainingConfig) -> None:
+        from training.engine import check_run_folder, read_summary, train
 
         run = self.model_dir(stage)
-        self._stage(stage, read_summary(run) is not None,
-                    lambda: train(config, self.dataset_dir, run, device=self.device, progress=self.progress))
+        done = read_summary(run) is not None
+        if done:  # a finished stage of another configuration (e.g. a variant of another preset) is not reused
+            check_run_folder(run, config)
+        self._stage(stage, done, lambda: train(config, self.dataset_dir, run, device=self.device, progress=self.progress))
 
     def _reconstruct(self, dataset: SimulatedDataset, stage: str) -> None:
         from training.inference import reconstruct_dataset
