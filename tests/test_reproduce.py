@@ -294,3 +294,32 @@ def test_evaluate_with_a_segmenter_writes_the_statistics_of_its_report(run, tmp_
     assert record["estimates"]["bm3d"]["psnr"][0] == pytest.approx(np.mean(per_patient), abs=1e-9)
     assert {(t["method"], t["reference"]) for t in record["tests"]} == {("ta0.5-balanced", "baseunet"), ("ta0.5-balanced", "bm3d")}
     assert "statistics.md" in result.stdout
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(tag="Balanced", alpha=0.5), "variant tag"),
+    (dict(tag="x", alpha=1.5), r"alpha must be in \[0, 1\]"),
+    (dict(tag="x", alpha=0.0, normalised=True), "no Dice term"),
+    (dict(tag="x", alpha=0.0, segmentation_epochs=4), "does not use g"),
+    (dict(tag="x", alpha=0.5, warm_start=True, upsample="interpolation"), "whose up-sampling is transposed"),
+    (dict(tag="x", alpha=0.5, upsample="pixelshuffle"), "upsample must be one of"),
+    (dict(tag="x", alpha=0.5, segmentation_epochs=0), "at least 1"),
+])
+def test_variants_that_cannot_train_are_refused(options, message):
+    from training.presets import Variant
+
+    with pytest.raises(ValueError, match=message):
+        Variant(**options)
+
+
+def test_variant_methods_and_their_own_g_stages_must_not_collide():
+    from dataclasses import replace
+
+    from training.presets import Variant
+
+    assert Variant("warm", 0.0, warm_start=True).method == "baseunet-warm"
+    with pytest.raises(ValueError, match="a method name of its own"):
+        replace(PRESETS["smoke"], variants=(Variant("a", 0.5), Variant("a", 0.5, normalised=True)))
+    with pytest.raises(ValueError, match="must agree on segmentation_epochs"):
+        replace(PRESETS["smoke"], variants=(Variant("a", 0.5, segmentation_epochs=1), Variant("a", 0.1, segmentation_epochs=2)))
+    replace(PRESETS["smoke"], variants=(Variant("a", 0.5, segmentation_epochs=1), Variant("a", 0.1, segmentation_epochs=1)))

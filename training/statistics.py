@@ -192,6 +192,11 @@ def _interval(value: tuple[float, float, float], digits: int) -> str:
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def _psnr_cell(value: float) -> str:
+    """A PSNR in a table: the full dose against itself is the reference, not infinitely good."""
+    return "reference" if value == math.inf else f"{value:.2f}"
+
+
 def write_statistics(reports: Sequence[Path], methods: Sequence[str], out: Path, title: str = "") -> dict:
     """Write ``out/statistics.md`` and ``out/statistics.json`` from one report per seed (see the module docstring).
 
@@ -237,7 +242,7 @@ def write_statistics(reports: Sequence[Path], methods: Sequence[str], out: Path,
               "|---|" + "---|" * seeds]
     for m in methods:
         lines.append(f"| {method_label(m)} | " + " | ".join(
-            f"{per_seed[m]['psnr'][s]:.2f} / {per_seed[m]['dice_volume'][s]:.3f}" for s in range(seeds)) + " |")
+            f"{_psnr_cell(per_seed[m]['psnr'][s])} / {per_seed[m]['dice_volume'][s]:.3f}" for s in range(seeds)) + " |")
     if goals:
         lines += ["", f"Goal (Dice (c) ≥ {GOAL_DICE_FRACTION:.0%} of the full dose's and PSNR within {GOAL_PSNR_DB:g} dB "
                       "of the Base U-Net's, same seed):", ""]
