@@ -161,8 +161,10 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     size, b = preset.size, row.batch
     batch = {"image": torch.rand(b, 1, size, size), "fulldose": torch.rand(b, 1, size, size),
              "label": torch.randint(0, 3, (b, 1, size, size), dtype=torch.int64)}
+    cases = ["0"] * b  # the validation step sums Dice counts per patient
     if cuda:  # the loader pins memory on CUDA, so the copy in task.batch is the same as in training
         batch = {k: v.pin_memory() for k, v in batch.items()}
+    batch["case"] = cases
     engine = SimpleNamespace(optimizer=optimizer, state=SimpleNamespace(iteration=0))
 
     def timed(step: Any) -> float:
@@ -192,7 +194,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         result["train_s"] = timed(train_step)
         result["train_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _peak_rss_mib() - rss_before
         if row.step == "normalised":  # the one-off reference pass, after the step: measure_loss_scales drops the reference
-            slices = [{key: value[i] for key, value in batch.items()} for i in range(b)] * max(row.iterations, 1)
+            slices = [{key: batch[key][i] for key in ("image", "fulldose", "label")} for i in range(b)] * max(row.iterations, 1)
             sync()
             start = time.perf_counter()
             task.measure_loss_scales(slices)
@@ -289,18 +291,18 @@ def option_costs(config: str, rows: dict[str, dict[str, Any]], variant: str) -> 
     fit, validation = split_slices(config)
     one = _training_seconds(config, plain, epochs)
     lines = [f"**Options against one plain task-adaptive training, {config} {variant}** ({epochs} epochs x ({fit} "
-             f"training + {validation} validation slices) = {_duration(one)} at the measured rate, no early stop):"]
+             f"training + {validation} validation slices) = {one / 60:.1f} min at the measured rate, no early stop):"]
     normalised = rows.get("normalised")
     if normalised is not None and "error" not in normalised:
         run = _training_seconds(config, normalised, epochs) + validation * normalised["reference_s_per_slice"]
         lines.append(f"- normalised loss: step {normalised['train_s'] / plain['train_s']:.2f}x the plain step's time, "
                      f"plus {validation * normalised['reference_s_per_slice']:.1f} s once for the reference's scales on "
-                     f"{validation} validation slices: {_duration(run)} per training ({run / one:.2f}x)")
+                     f"{validation} validation slices: {run / 60:.1f} min per training ({run / one:.2f}x)")
     for with_baseline in (False, True):
         cost = search_cost(epochs, len(DEFAULT_GRID), with_baseline=with_baseline)
         lines.append(f"- --alpha auto over {len(DEFAULT_GRID)} alphas, "
                      f"{'training its own Base U-Net' if with_baseline else 'with --baseline given'}: at most "
-                     f"{cost:.2f} trainings = {_duration(cost * one)}")
+                     f"{cost:.2f} trainings = {cost * one / 60:.1f} min")
     return lines
 
 
