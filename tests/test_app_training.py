@@ -111,6 +111,13 @@ def test_reconstruction_training_publishes_a_model_that_the_next_request_uses(tr
     server, models, workdir = trained
     started = requests.post(f"{server.url}/train/reconstruction", json={"alpha": 0.5, **SHORT}, timeout=30)
     assert started.status_code == 200, started.text
+    # MONAI Label registers the training's process a moment after it answers; a request in between
+    # would be queued, not refused. Once it shows as running (its subprocess takes seconds to import
+    # before the 2 short epochs), a second training is refused.
+    deadline = time.monotonic() + 10
+    while requests.get(f"{server.url}/train/", params={"check_if_running": "true"}, timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, "the training never showed as running"
+        time.sleep(0.05)
     again = requests.post(f"{server.url}/train/segmentation", json=SHORT, timeout=30)
     assert again.status_code == 429  # one training at a time
     task = wait_for_training(server)[-1]
