@@ -467,13 +467,25 @@ def _train(args: argparse.Namespace, progress: bool) -> int:
     if getattr(args, "normalise_with", None) is not None:
         overrides.append(f"loss_reference={str(args.normalise_with)!r}")
     config = load_config(args.config, overrides)
-    if auto:
-        return _search_alpha(args, config, progress)
-    summary = train(config, args.dataset, args.out, device=args.device, progress=progress)
+    try:
+        if auto:
+            return _search_alpha(args, config, progress)
+        summary = train(config, args.dataset, args.out, device=args.device, progress=progress)
+    finally:
+        _leave_process_group()
     print(f"{args.out}: {summary.epochs} epoch(s){' (early stop)' if summary.stopped_early else ''}, best epoch "
           f"{summary.best_epoch} ({summary.selection['metric']} {summary.selection['best_value']:.4g}), {summary.seconds:.0f} s on {summary.world_size} "
           f"process(es); model: {args.out / 'best.pt'}")
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: leave the process group before exit; gloo's threads left running at
+    interpreter exit can abort the process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _search_alpha(args: argparse.Namespace, config, progress: bool) -> int:
