@@ -442,7 +442,6 @@ def _reconstruct(args: argparse.Namespace, progress: bool) -> int:
 
 def _train(args: argparse.Namespace, progress: bool) -> int:
     from training.config import load_config
-    from training.alpha_search import DEFAULT_GRID
     from training.engine import train
     from training.fileio import check_output_folder
 
@@ -455,6 +454,8 @@ def _train(args: argparse.Namespace, progress: bool) -> int:
         option = "--" + search_options[0].replace("_", "-")
         raise OptionError(option, "is an option of --alpha auto; give --alpha auto or leave it out")
     if auto:
+        from training.alpha_search import DEFAULT_GRID
+
         # The search sets each candidate's alpha; a placeholder above 0 lets the configuration carry
         # options of a two-term loss (--normalise-with), which alpha = 0 would refuse.
         weight = max(args.alpha_grid or DEFAULT_GRID)
