@@ -19,11 +19,13 @@ import time
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import requests
 import torch
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-from training.checkpoints import save_model
+from training.checkpoints import load_reconstructor, load_segmenter, read_model, save_model
+from training.inference import reconstruct_and_segment
 from training.networks import UNetConfig, build_reconstruction_net, build_segmentation_net
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,3 +153,21 @@ def write_models(folder: Path) -> dict[str, Path]:
                                                     "segmenter": build_segmentation_net(NET)}, 2,
                {"val_dice_volume": 0.4}, imaging=imaging())
     return paths
+
+
+def body(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """A noisy HU volume: air, a soft-tissue body, a brighter off-centre organ."""
+    rng = np.random.default_rng(seed)
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu[3:-3, 2:-4] = 40.0
+    hu[5 : shape[0] // 2, 4 : shape[1] // 2] = 160.0
+    return hu + rng.normal(0, 30, shape).astype(np.float32)
+
+
+def in_process(models: dict[str, Path], hu: np.ndarray, affine: np.ndarray, variant: str | None, segment: bool):
+    f = load_reconstructor(models[variant]) if variant else None
+    g = None
+    if segment:
+        source = models[variant] if variant and variant.startswith("joint") else models["segmentation"]
+        g = (load_segmenter(source), read_model(source))
+    return reconstruct_and_segment(hu, affine, reconstructor=f, segmenter=g, batch_size=2)

@@ -25,19 +25,11 @@ import requests
 import SimpleITK as sitk
 import torch
 
-from app_server import APP, NET, SPACING, MonaiLabelServer, imaging, multipart_result, nifti_from_bytes, write_models
+from app_server import (APP, NET, SPACING, MonaiLabelServer, body, imaging, in_process, multipart_result, nifti_from_bytes,
+                        write_models)
 from training.checkpoints import load_reconstructor, load_segmenter, read_model, save_model
 from training.inference import reconstruct_and_segment
 from training.networks import build_reconstruction_net, build_segmentation_net
-
-def body(shape: tuple[int, int, int], seed: int) -> np.ndarray:
-    """A noisy HU volume: air, a soft-tissue body, a brighter off-centre organ."""
-    rng = np.random.default_rng(seed)
-    hu = np.full(shape, -1000.0, dtype=np.float32)
-    hu[3:-3, 2:-4] = 40.0
-    hu[5 : shape[0] // 2, 4 : shape[1] // 2] = 160.0
-    return hu + rng.normal(0, 30, shape).astype(np.float32)
-
 
 def oblique_affine() -> np.ndarray:
     """LPS-like voxel order (i to the left, j posterior), tilted 12 degrees about an oblique axis."""
@@ -73,15 +65,6 @@ def served(tmp_path_factory):
     server = MonaiLabelServer(studies, root, conf={"models": str(root / "models"), "batch_size": "2"})
     yield {"server": server, "models": models, "studies": studies, "volumes": volumes, "root": root}
     server.stop()
-
-
-def in_process(models: dict[str, Path], hu: np.ndarray, affine: np.ndarray, variant: str | None, segment: bool):
-    f = load_reconstructor(models[variant]) if variant else None
-    g = None
-    if segment:
-        source = models[variant] if variant and variant.startswith("joint") else models["segmentation"]
-        g = (load_segmenter(source), read_model(source))
-    return reconstruct_and_segment(hu, affine, reconstructor=f, segmenter=g, batch_size=2)
 
 
 def test_info_lists_every_model_of_the_folder_with_its_settings(served):

@@ -143,6 +143,11 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _studies(text: str) -> Path | str:
+    """A datastore folder, or a DICOMweb URL kept as it is."""
+    return text.rstrip("/") if text.startswith(("http://", "https://")) else Path(text)
+
+
 def _methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods:
@@ -286,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("serve", help="the main job: start the MONAI Label app on embedded studies and the demo models")
     p.add_argument("--models", type=Path, default=APP_DIR / "model", help="model folder (default: %(default)s)")
-    p.add_argument("--studies", type=Path, default=None,
-                   help="datastore folder, e.g. DATASET/lowdose (default: embedded studies prepared in --data)")
+    p.add_argument("--studies", type=_studies, default=None,
+                   help="datastore folder, e.g. DATASET/lowdose, or a PACS's DICOMweb root, e.g. "
+                        "http://127.0.0.1:8042/dicom-web (default: embedded studies prepared in --data)")
     p.add_argument("--data", type=Path, default=Path("runs/serve"),
                    help="where the embedded studies are simulated, once (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
@@ -295,6 +301,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare-only", action="store_true", help="prepare the studies and exit without starting the server")
     p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    help="more app settings, e.g. --conf retrain_after 5 (see apps/taskadaptive_ct/main.py)")
+
+    p = commands.add_parser("export-dicom", help="write a data set's low-dose (and full-dose) volumes as DICOM CT series, "
+                                                 "optionally storing them on a PACS (STOW-RS)")
+    p.add_argument("dataset", type=Path, help="a `tact simulate` data set")
+    p.add_argument("--out", type=Path, required=True, help="output folder: OUT/<case>/<lowdose|fulldose>/0001.dcm ...")
+    p.add_argument("--methods", type=_methods, default=["lowdose", "fulldose"],
+                   help="series to write per case (default: lowdose,fulldose; one study per case)")
+    p.add_argument("--cases", type=_methods, default=None, help="comma-separated case ids (default: all)")
+    p.add_argument("--stow", default=None, metavar="URL",
+                   help="also store the series on this DICOMweb server, e.g. http://127.0.0.1:8042/dicom-web "
+                        "(credentials from MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD)")
+
+    p = commands.add_parser("orthanc", help="run a private Orthanc PACS on 127.0.0.1 (DICOMweb) until interrupted")
+    p.add_argument("--dir", type=Path, default=Path("runs/orthanc"),
+                   help="its configuration, storage and log (kept between runs; default: %(default)s)")
+    p.add_argument("--port", type=_positive_int, default=8042, help="HTTP/DICOMweb port (default: %(default)s)")
+    p.add_argument("--dicom-port", type=_positive_int, default=None, help="also listen for DICOM (C-STORE) on this port")
 
     p = commands.add_parser("demo", help="the classical pipeline on the real sample: low dose -> FBP, BM3D -> report")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: %(default)s)")
@@ -603,7 +626,8 @@ def _serve(args: argparse.Namespace, progress: bool) -> int:
     from training.serving import SAMPLE_CASE, example_image, prepare_studies, server_command
 
     studies = args.studies if args.studies is not None else prepare_studies(args.models, args.data, progress=progress)
-    image = SAMPLE_CASE if args.studies is None else example_image(studies)
+    on_pacs = isinstance(studies, str)
+    image = SAMPLE_CASE if args.studies is None else "SERIES_UID" if on_pacs else example_image(studies)
     command, environment = server_command(APP_DIR, studies, args.models, args.host, args.port, args.conf)
     if args.prepare_only:
         print(f"studies ready: {studies}")
@@ -611,11 +635,74 @@ def _serve(args: argparse.Namespace, progress: bool) -> int:
     url = f"http://{args.host}:{args.port}"
     print(f"TaskAdaptiveCT app: {url}  (API docs: {url}/docs, Swagger: {url}/)")
     print(f"studies: {studies}   models: {args.models}")
+    if on_pacs:
+        print(f"series of the PACS: curl '{url}/datastore/?output=all'   viewer: {url}/ohif/")
     print(f"reconstruct and segment study {image}{' (the real sample)' if args.studies is None else ''}:")
     print(f"  curl -X POST '{url}/infer/reconstruct_segment?image={image}&output=json' -F 'params={{}}'")
     sys.stdout.flush()
     os.execve(command[0], command, environment)
     return 0  # not reached: the server replaces this process
+
+
+def _export_dicom(args: argparse.Namespace, progress: bool) -> int:
+    from tqdm.auto import tqdm
+
+    from training.dicom_series import export_dataset, read_series
+    from training.dicomweb import StowError, dicomweb_client, store_series
+    from training.fileio import check_output_folder
+
+    check_output_folder(args.out)
+    client = None
+    if args.stow is not None:
+        try:
+            client = dicomweb_client(args.stow)
+        except ValueError as error:
+            raise OptionError("--stow", str(error)) from None
+    written = export_dataset(args.dataset, args.out, args.methods, args.cases)
+    folders = [(case, method, folder) for case, series in written.items() for method, folder in series.items()]
+    for case, method, folder in folders:
+        print(f"{case} {method}: {folder}")
+    if client is None:
+        return 0
+    import requests
+
+    for case, method, folder in tqdm(folders, desc="STOW-RS", unit="series", disable=not progress):
+        try:
+            store_series(client, read_series(folder))
+        except requests.ConnectionError as error:
+            raise OptionError("--stow", f"the DICOMweb server does not answer ({type(error).__name__}); is it running? "
+                                        "(`make orthanc` starts one on 127.0.0.1:8042)") from None
+        except StowError as error:
+            raise DataError(folder, str(error)) from None
+    print(f"stored {len(folders)} series on {args.stow}")
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def _orthanc(args: argparse.Namespace, progress: bool) -> int:
+    import signal
+
+    from training.orthanc import OrthancServer
+
+    server = OrthancServer(args.dir, http_port=args.port, dicom_port=args.dicom_port).start()
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops Orthanc as cleanly as Ctrl-C
+    print(f"Orthanc: {server.url}  (Orthanc Explorer: {server.url}/app/explorer.html)")
+    print(f"DICOMweb: {server.dicomweb_url}   storage: {server.folder / 'storage'}   log: {server.log_path}")
+    print(f"serve it: monailabel start_server --app {APP_DIR} --studies {server.dicomweb_url} --host 127.0.0.1")
+    print("stop with Ctrl-C")
+    sys.stdout.flush()
+    try:
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+        print(f"Orthanc exited:\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
 
 
 _COMMANDS = {
@@ -630,6 +717,8 @@ _COMMANDS = {
     "reproduce": _reproduce,
     "export-models": _export_models,
     "serve": _serve,
+    "export-dicom": _export_dicom,
+    "orthanc": _orthanc,
 }
 
 

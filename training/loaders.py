@@ -322,6 +322,7 @@ def _load_dicom_series(directory: Path) -> tuple[np.ndarray, np.ndarray]:
         )
     # GDCM sorts the files by position along the slice normal, not by name or instance number.
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), series[0])
+    _check_modality(directory, files[0])
     if len(files) < 2:
         raise DataError(
             directory, f"the DICOM series has {len(files)} file; a series of at least two slices is expected."
@@ -338,6 +339,20 @@ def _load_dicom_series(directory: Path) -> tuple[np.ndarray, np.ndarray]:
     positions = np.array([_dicom_vector(reader, index, "0020|0032", directory) for index in range(len(files))])
     _check_slice_positions(directory, positions, np.reshape(image.GetDirection(), (3, 3))[:, 2])
     return _sitk_to_ras(image, directory)
+
+
+def _check_modality(directory: Path, first_file: str) -> None:
+    """Refuse a series that is not CT (a DICOM SEG, an MR, ...): HU and the models mean nothing there."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(first_file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise DataError(directory, f"the DICOM file {first_file} cannot be read: {_error_text(error)}") from error
+    modality = reader.GetMetaData("0008|0060").strip() if reader.HasMetaDataKey("0008|0060") else ""
+    if modality != "CT":
+        raise DataError(directory, f"is a {modality or 'modality-less'} series, not CT (Modality {modality!r}); "
+                                   "only CT series can be reconstructed and segmented.")
 
 
 def _dicom_vector(reader: sitk.ImageSeriesReader, index: int, tag: str, directory: Path) -> np.ndarray:

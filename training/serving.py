@@ -69,7 +69,7 @@ def prepare_studies(models: str | Path, data: str | Path, progress: bool = True)
     return dataset / "lowdose"
 
 
-def server_command(app: Path, studies: Path, models: Path, host: str, port: int,
+def server_command(app: Path, studies: Path | str, models: Path, host: str, port: int,
                    conf: list[list[str]] | None = None) -> tuple[list[str], dict[str, str]]:
     """The ``monailabel start_server`` command line (with this interpreter) and its environment."""
     command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),

@@ -4,6 +4,10 @@ Start it with::
 
     monailabel start_server --app apps/taskadaptive_ct --studies DATASET/lowdose --host 127.0.0.1
 
+or, on a PACS (its DICOMweb root; see ``lib/pacs.py``)::
+
+    monailabel start_server --app apps/taskadaptive_ct --studies http://127.0.0.1:8042/dicom-web --host 127.0.0.1
+
 Settings (``--conf KEY VALUE``):
 
 * ``models``: the model folder (default ``<app>/model``; a ``tact reproduce`` run's
@@ -53,14 +57,18 @@ from lib.errors import BadRequest, NotFound, choices
 from lib.feedback import FeedbackLog
 from lib.guards import guard_train_route
 from lib.models import ModelFolder
+from lib.pacs import PacsDatastore, cache_folder
 from lib.trainers import TrainRequestError
 from lib.trainers.engine_task import dataset_of
 from lib.volumes import DEFAULT_MAX_VOXELS
+from training.dicomweb import dicomweb_client, dicomweb_session
 from training.model_card import read_serving
 
 log = logging.getLogger(__name__)
 
 CONFIGS = (SegmentationConfig, ReconstructionConfig, JointConfig)
+DEFAULT_PACS_CACHE = Path.home() / ".cache" / "taskadaptivect" / "pacs"
+PACS_TIMEOUT_S = 60.0
 
 
 def _int_setting(conf: dict[str, str], key: str, default: int, minimum: int = 1) -> int:
@@ -81,6 +89,10 @@ class TaskAdaptiveCTApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         conf = dict(conf or {})
+        self.on_pacs = studies.startswith(("http://", "https://"))
+        # on a PACS, what the app keeps (fetched series, labels, the feedback count) lives in its cache folder
+        local_studies = cache_folder(settings.MONAI_LABEL_DICOMWEB_CACHE_PATH.strip() or DEFAULT_PACS_CACHE,
+                                     studies.rstrip("/")) if self.on_pacs else Path(studies).resolve()
         self.model_folder = ModelFolder(Path(conf.get("models") or Path(app_dir) / "model").expanduser().resolve(),
                                         device=conf.get("device") or None)
         self.max_voxels = _int_setting(conf, "max_voxels", DEFAULT_MAX_VOXELS)
@@ -88,10 +100,11 @@ class TaskAdaptiveCTApp(MONAILabelApp):
         default_variant = conf.get("variant") or read_serving(self.model_folder.root).get("default_variant")
         self.context = AppContext(models=self.model_folder, default_variant=default_variant,
                                   batch_size=_int_setting(conf, "batch_size", 8), max_voxels=self.max_voxels,
-                                  store=self._store_volume, studies=Path(studies).resolve(),
+                                  store=self._store_volume, studies=local_studies,
                                   runs=Path(conf.get("runs") or Path(app_dir) / "train_runs").expanduser().resolve(),
                                   preset=conf.get("preset", "cpu"), conf=conf)
-        self.feedback = FeedbackLog(studies, _int_setting(conf, "retrain_after", 0, minimum=0))
+        self.local_studies = local_studies
+        self.feedback = FeedbackLog(local_studies, _int_setting(conf, "retrain_after", 0, minimum=0))
         self.retrain_alpha = conf.get("retrain_alpha")
         self._feedback_replies: dict[str, dict] = {}
         self.configs = [config(self.context) for config in CONFIGS]
@@ -102,8 +115,12 @@ class TaskAdaptiveCTApp(MONAILabelApp):
     # ----------------------------------------------------------------------------- wiring
 
     def init_datastore(self) -> Datastore:
-        if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+        if self.on_pacs:
+            session = dicomweb_session(timeout=PACS_TIMEOUT_S, username=settings.MONAI_LABEL_DICOMWEB_USERNAME,
+                                       password=settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+            client = dicomweb_client(self.studies, session)
+            return PacsDatastore(client, self.local_studies, max_voxels=self.max_voxels,
+                                 on_label_saved=self._label_saved)
         return TaskAdaptiveDatastore(self.studies, max_voxels=self.max_voxels, on_label_saved=self._label_saved,
                                      extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                      auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
@@ -147,7 +164,7 @@ class TaskAdaptiveCTApp(MONAILabelApp):
         if tag != "final":
             return
         try:
-            counted = image_id in dataset_of(self.studies).case_ids("train")
+            counted = image_id in dataset_of(self.local_studies).case_ids("train")
         except TrainRequestError:
             counted = False  # not a simulated data set: nothing can be retrained from it
         reply = self.feedback.record(image_id, counted)
@@ -189,8 +206,13 @@ class TaskAdaptiveCTApp(MONAILabelApp):
         if model not in self._infers:
             raise NotFound(f"unknown model {model!r}; this server has {choices(self._infers)}")
         image = request.get("image")
-        if isinstance(image, str) and image and not os.path.exists(image):
-            if image not in (datastore or self.datastore()).list_images():
+        store = datastore or self.datastore()
+        if isinstance(store, PacsDatastore) and isinstance(image, str) and image and not os.path.exists(image):
+            if not store.is_fetched(image):
+                store.check_series(image)  # 404 or 422 naming the series, 503 if the PACS does not answer
+            request = dict(request, image_id=image)
+        elif isinstance(image, str) and image and not os.path.exists(image):
+            if image not in store.list_images():
                 raise NotFound(f"unknown image id {image!r}; list them with GET /datastore/?output=all")
             request = dict(request, image_id=image)
         for key in ("variant", "output_dtype", "result_extension"):

@@ -49,6 +49,24 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
+def place_atomically(write: Callable[[str], None], destination: Path, incoming: Path) -> None:
+    """Write a file through ``write(tmp_path)`` in the folder ``incoming`` and rename it to ``destination``.
+
+    ``incoming`` must be on the same file system as ``destination`` (the rename is atomic there).
+    """
+    incoming.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(destination.suffixes)
+    fd, name = tempfile.mkstemp(suffix=suffix, dir=incoming)
+    os.close(fd)
+    try:
+        write(name)
+        os.chmod(name, 0o644)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(name, destination)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
 class TaskAdaptiveDatastore(LocalDatastore):
     """``LocalDatastore`` that validates uploads and writes atomically (see the module docstring).
 
@@ -68,20 +86,8 @@ class TaskAdaptiveDatastore(LocalDatastore):
 
     # ----------------------------------------------------------------------------- helpers
 
-    def _place(self, write, destination: Path) -> None:
-        """Write a file through ``write(tmp_path)`` into ``.incoming/`` and rename it to ``destination``."""
-        incoming = Path(self._datastore_path) / INCOMING
-        incoming.mkdir(exist_ok=True)
-        suffix = "".join(destination.suffixes)
-        fd, name = tempfile.mkstemp(suffix=suffix, dir=incoming)
-        os.close(fd)
-        try:
-            write(name)
-            os.chmod(name, 0o644)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(name, destination)
-        finally:
-            Path(name).unlink(missing_ok=True)
+    def _place(self, write: Callable[[str], None], destination: Path) -> None:
+        place_atomically(write, destination, Path(self._datastore_path) / INCOMING)
 
     def image_grid(self, image_id: str) -> tuple[tuple[int, ...], np.ndarray]:
         """Shape and affine of a datastore image (its own voxel order)."""

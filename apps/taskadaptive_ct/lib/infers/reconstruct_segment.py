@@ -4,6 +4,8 @@ The result file is the segmentation. The reconstruction it was computed from:
 
 * for a datastore image, is stored in the datastore as a label of tag
   ``reconstruction_<variant>`` (``GET /datastore/label?label=<image id>&tag=reconstruction_ta0.5``);
+  on a PACS it is also stored as a derived CT series of the image's study, whose UIDs the
+  reply's ``reconstruction`` gives (``series_uid``, ``study_uid``);
 * for an uploaded file, is returned inside the reply's params as ``reconstruction``: a
   gzip-compressed NIfTI, base64-encoded (``lib.volumes.decode_embedded``). Set
   ``return_reconstruction`` to false to leave it out (for example when only the labels
@@ -54,10 +56,13 @@ class ReconstructSegment(VolumeInferTask):
         tag = f"{TAG_PREFIX}{reconstructor.name}"
         identifier = image_id(request)
         if identifier is not None and self.store is not None:
-            self.store(identifier, result.reconstruction_hu, affine, tag,
-                       {"variant": reconstructor.name, "warnings": result.warnings}, dtype)
+            stored = self.store(identifier, result.reconstruction_hu, affine, tag,
+                                {"variant": reconstructor.name, "warnings": result.warnings,
+                                 "reconstructor": params.get("reconstructor", {})}, dtype)
             params["reconstruction"] = {"image": identifier, "tag": tag,
                                         "url": f"/datastore/label?label={identifier}&tag={tag}"}
+            if isinstance(stored, dict):  # on a PACS: the derived series' UIDs
+                params["reconstruction"].update(stored)
         elif embed:
             params["reconstruction"] = embedded_nifti(result.reconstruction_hu, affine, dtype)
         return write_volume(result.labels, affine, extension(request)), params
