@@ -321,6 +321,54 @@ def test_a_reconstruction_the_pacs_refuses_is_reported_and_not_left_half_stored(
     assert [s["0020000E"]["Value"][0] for s in series] == [source.SeriesInstanceUID]
 
 
+def test_the_ohif_viewer_shows_the_study_and_segments_it_through_the_monai_label_panel(pacs, app, tmp_path):
+    """Headless Chromium on the app's /ohif/: study list, both series in the viewer, the panel's Run, its overlay."""
+    from ohif_browser import (By, coloured_fraction, connect_monai_label_panel, hide_disclaimer, open_browser, page_text,
+                              save_screenshot, viewport_pixels, wait_for)
+
+    server, source = app["server"], pacs["series"]["good"][0]
+    derived = [s for s in pacs["client"].search_for_series(source.StudyInstanceUID, search_filters={"Modality": "CT"})
+               if s["0008103E"]["Value"][0].startswith("TaskAdaptiveCT reconstruction")]
+    if not derived:
+        pytest.fail("the reconstruct_segment test must run first (it stores the derived series)")
+    driver = open_browser()
+    try:
+        driver.get(f"{server.url}/ohif/")
+        wait_for(lambda: "TACT-GOOD" in page_text(driver), what="the study in OHIF's study list")
+        save_screenshot(driver, tmp_path / "study-list.png")
+        driver.get(f"{server.url}/ohif/viewer?StudyInstanceUIDs={source.StudyInstanceUID}")
+        wait_for(lambda: "I:1 (1/5)" in page_text(driver), what="the low-dose series in the viewport")
+        hide_disclaimer(driver)
+        text = page_text(driver)
+        assert "Low-dose CT (test)" in text and "TaskAdaptiveCT reconstruction ta0.5" in text  # both series listed
+        low_dose = viewport_pixels(driver)
+        assert low_dose.std() > 10  # an image is drawn, not an empty viewport
+        thumbnails = driver.find_elements(By.CSS_SELECTOR, "[data-cy='study-browser-thumbnail']")
+        assert len(thumbnails) == 2
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        ActionChains(driver).double_click(thumbnails[1]).perform()  # the derived series into the viewport
+        wait_for(lambda: np.abs(viewport_pixels(driver).astype(int) - low_dose).mean() > 5,
+                 what="the reconstruction series in the viewport")
+        save_screenshot(driver, tmp_path / "viewer-reconstruction.png")
+        # the MONAI Label mode: the panel connects to this server and runs the segmentation on the series shown
+        driver.get(f"{server.url}/ohif/monai-label?StudyInstanceUIDs={source.StudyInstanceUID}")
+        wait_for(lambda: driver.find_elements(By.TAG_NAME, "canvas"), what="the MONAI Label mode's viewports")
+        wait_for(lambda: viewport_pixels(driver).std() > 10, what="the image in the MONAI Label mode")
+        hide_disclaimer(driver)
+        before = coloured_fraction(viewport_pixels(driver))
+        connect_monai_label_panel(driver, server.url)
+        run = wait_for(lambda: [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Run"],
+                       what="the panel's Run button (the panel did not connect)")
+        run[0].click()
+        wait_for(lambda: coloured_fraction(viewport_pixels(driver)) > before + 0.05, timeout=120,
+                 what="the segmentation overlay")
+        save_screenshot(driver, tmp_path / "monai-label-panel.png")
+    finally:
+        driver.quit()
+    assert "'model': 'segmentation'" in server.tail(200)  # the overlay came from this server's segmentation task
+
+
 def test_a_pacs_that_stops_gives_a_clear_error_and_the_app_keeps_serving(pacs, app):
     server = app["server"]
     pacs["server"].stop()

@@ -66,7 +66,11 @@ def dicomweb_client(url: str, session: requests.Session | None = None) -> DICOMw
     """A DICOMweb client for ``url`` (e.g. ``http://127.0.0.1:8042/dicom-web``) with a timing-out session."""
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"a DICOMweb URL starts with http:// or https://, got {url!r}")
-    return DICOMwebClient(url.rstrip("/"), session=session or dicomweb_session())
+    client = DICOMwebClient(url.rstrip("/"), session=session or dicomweb_session())
+    # dicomweb-client retries every failure (a refused connection too) 5 times with back-off, 30 s in all:
+    # once, a second later, is enough to ride out a busy server without hanging a request on a stopped one
+    client.set_http_retry_params(max_attempts=2, wait_exponential_multiplier=500)
+    return client
 
 
 def stored_instances(client: DICOMwebClient, study_uid: str, series_uid: str) -> set[str]:
