@@ -461,3 +461,24 @@ def test_layered_seg_nrrd_is_refused(tmp_path: Path) -> None:
     sitk.WriteImage(image, str(tmp_path / "layers.seg.nrrd"))
     with expect_data_error(tmp_path / "layers.seg.nrrd", "2 components per voxel", "overlapping segment layers"):
         load_lits_case(volume_path, tmp_path / "layers.seg.nrrd", "0")
+
+
+def test_a_dicom_series_that_is_not_ct_is_refused_naming_its_modality(tmp_path):
+    import pydicom
+
+    from training.dicom_series import SeriesInfo, ct_series, study_dataset, write_series
+
+    hu = np.full((20, 20, 3), -1000.0, np.float32)
+    hu[4:16, 4:16] = 40.0
+    study = study_dataset("P", "P^P", pydicom.uid.generate_uid(), "s", pydicom.uid.generate_uid())
+    datasets = ct_series(hu, np.diag([1.0, 1.0, 2.0, 1.0]), study,
+                         SeriesInfo("x", 1, ("ORIGINAL", "PRIMARY", "AXIAL"), "", pydicom.uid.generate_uid()))
+    write_series(datasets, tmp_path / "ct")
+    from training.loaders import read_volume
+
+    assert read_volume(tmp_path / "ct")[0].shape == (20, 20, 3)
+    for ds in datasets:
+        ds.Modality = "MR"
+    write_series(datasets, tmp_path / "mr")
+    with pytest.raises(DataError, match=r"is a MR series, not CT"):
+        read_volume(tmp_path / "mr")

@@ -45,7 +45,7 @@ function ReceivedInstanceFilter(dicom, origin, info)
 end
 """
 
-AFFINE = np.array([[-2.0, 0, 0, 40.0], [0, -2.0, 0, 30.0], [0, 0, 3.0, -60.0], [0, 0, 0, 1]])  # LPS voxel order
+AFFINE = np.array([[-2.0, 0, 0, 40.0], [0, -1.6, 0, 30.0], [0, 0, 3.0, -60.0], [0, 0, 0, 1]])  # LPS voxel order
 
 
 def make_series(patient: str, description: str, shape=(40, 36, 5), seed: int = 1, affine=AFFINE,
@@ -224,6 +224,7 @@ def test_the_app_lists_the_pacs_ct_series_as_images(pacs, app):
 def test_segmentation_and_reconstruction_run_on_a_series_by_its_uid_on_the_series_geometry(pacs, app, tmp_path):
     server, series = app["server"], pacs["series"]["good"]
     expected_affine = header_affine(series)
+    np.testing.assert_allclose(expected_affine, AFFINE, atol=1e-6)  # the writer put the grid into the headers
     folder = tmp_path / "good"
     write_series(series, folder)
     hu, affine = read_volume(folder)
