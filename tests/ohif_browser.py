@@ -38,7 +38,7 @@ def wait_for(condition: Callable[[], object], timeout: float = 60.0, what: str =
     while time.monotonic() < deadline:
         try:
             value = condition()
-        except (StaleElementReferenceException, WebDriverException):
+        except (StaleElementReferenceException, WebDriverException, IndexError):
             value = None
         if value:
             return value

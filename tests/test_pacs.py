@@ -140,6 +140,31 @@ def test_a_second_orthanc_stops_cleanly_and_frees_its_port(tmp_path):
     assert "Orthanc has stopped" in (tmp_path / "orthanc" / "orthanc.log").read_text()
 
 
+def test_tact_orthanc_serves_until_sigterm_and_then_stops_orthanc(tmp_path):
+    import signal
+    import time
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "training.cli", "orthanc", "--dir", str(tmp_path / "pacs"),
+                                "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "stop with Ctrl-C" in line:
+                break
+        assert f"http://127.0.0.1:{port}/dicom-web" in "".join(lines), "".join(lines)
+        assert requests.get(f"http://127.0.0.1:{port}/system", timeout=10).ok
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    assert process.returncode == 0
+    deadline = time.monotonic() + 10
+    while not port_is_free(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert port_is_free(port)  # Orthanc went with it
+
+
 # ----------------------------------------------------------------------------- tact export-dicom
 
 def test_tact_export_dicom_round_trips_a_data_set_through_orthanc(pacs, tmp_path):
