@@ -27,8 +27,7 @@ import torch
 
 from app_server import (APP, NET, SPACING, MonaiLabelServer, body, imaging, in_process, multipart_result, nifti_from_bytes,
                         write_models)
-from training.checkpoints import load_reconstructor, load_segmenter, read_model, save_model
-from training.inference import reconstruct_and_segment
+from training.checkpoints import save_model
 from training.networks import build_reconstruction_net, build_segmentation_net
 
 def oblique_affine() -> np.ndarray:
