@@ -167,19 +167,27 @@ def test_tact_orthanc_serves_until_sigterm_and_then_stops_orthanc(tmp_path):
 
 # ----------------------------------------------------------------------------- tact export-dicom
 
-def test_tact_export_dicom_round_trips_a_data_set_through_orthanc(pacs, tmp_path):
-    from training.dataset import SimulatedDataset
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory) -> Path:
+    """A one-case simulated data set (32 x 32 x 3)."""
     from training.phantom import write_phantom_dataset
     from training.simulate import SimulationSettings, simulate_dataset
 
-    write_phantom_dataset(tmp_path / "lits", 1, size=32, slices=3, seed=2, progress=False)
-    simulate_dataset(tmp_path / "lits", tmp_path / "dataset", SimulationSettings(size=32, num_angles=24, photons=1e4),
+    root = tmp_path_factory.mktemp("simulated")
+    write_phantom_dataset(root / "lits", 1, size=32, slices=3, seed=2, progress=False)
+    simulate_dataset(root / "lits", root / "dataset", SimulationSettings(size=32, num_angles=24, photons=1e4),
                      workers=1, progress=False)
-    done = subprocess.run([sys.executable, "-m", "training.cli", "export-dicom", str(tmp_path / "dataset"), "--out",
+    return root / "dataset"
+
+
+def test_tact_export_dicom_round_trips_a_data_set_through_orthanc(pacs, simulated, tmp_path):
+    from training.dataset import SimulatedDataset
+
+    done = subprocess.run([sys.executable, "-m", "training.cli", "export-dicom", str(simulated), "--out",
                            str(tmp_path / "dicom"), "--stow", pacs["server"].dicomweb_url, "-q"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    dataset = SimulatedDataset(tmp_path / "dataset")
+    dataset = SimulatedDataset(simulated)
     case = dataset.case_ids()[0]
     written = {m: read_series(tmp_path / "dicom" / case / m) for m in ("lowdose", "fulldose")}
     low, full = written["lowdose"][0], written["fulldose"][0]
@@ -203,26 +211,24 @@ def test_tact_export_dicom_round_trips_a_data_set_through_orthanc(pacs, tmp_path
         assert float(series.SliceThickness) == pytest.approx(spacing[2])
         np.testing.assert_allclose([float(v) for v in series.PixelSpacing], [spacing[1], spacing[0]], atol=1e-6)
     # exporting again gives the same UIDs: the PACS does not fill with copies
-    again = subprocess.run([sys.executable, "-m", "training.cli", "export-dicom", str(tmp_path / "dataset"), "--out",
+    again = subprocess.run([sys.executable, "-m", "training.cli", "export-dicom", str(simulated), "--out",
                             str(tmp_path / "again"), "--methods", "lowdose", "-q"], capture_output=True, text=True,
                            timeout=300, cwd=ROOT)
     assert again.returncode == 0, again.stderr
     assert read_series(tmp_path / "again" / case / "lowdose")[0].SOPInstanceUID == low.SOPInstanceUID
 
 
-def test_tact_export_dicom_names_a_stow_url_it_cannot_use(pacs, capsys):
+def test_tact_export_dicom_names_a_stow_url_it_cannot_use_before_writing_anything(simulated, tmp_path, capsys):
     from training.cli import main
 
-    dataset = next(pacs["root"].parent.glob("test_tact_export_dicom_round*/dataset"), None)
-    if dataset is None:
-        pytest.fail("the round-trip test must run first (it simulates the data set)")
     for url, problem in (("ftp://pacs/dicom-web", "starts with http:// or https://"),
                          (f"http://127.0.0.1:{free_port()}/dicom-web", "does not answer")):
         with pytest.raises(SystemExit) as exit_info:
-            main(["export-dicom", str(dataset), "--out", str(pacs["root"] / "unused"), "--stow", url, "-q"])
+            main(["export-dicom", str(simulated), "--out", str(tmp_path / "out"), "--stow", url, "-q"])
         assert exit_info.value.code == 2
         error = capsys.readouterr().err
         assert "--stow: " in error and problem in error, error
+        assert not (tmp_path / "out").exists()
 
 
 def test_a_refused_store_is_reported_and_nothing_of_the_series_is_left(pacs):

@@ -627,7 +627,10 @@ def _serve(args: argparse.Namespace, progress: bool) -> int:
 
     studies = args.studies if args.studies is not None else prepare_studies(args.models, args.data, progress=progress)
     on_pacs = isinstance(studies, str)
-    image = SAMPLE_CASE if args.studies is None else "SERIES_UID" if on_pacs else example_image(studies)
+    if args.studies is None:
+        image = SAMPLE_CASE
+    else:
+        image = "SERIES_UID" if on_pacs else example_image(studies)
     command, environment = server_command(APP_DIR, studies, args.models, args.host, args.port, args.conf)
     if args.prepare_only:
         print(f"studies ready: {studies}")
@@ -651,31 +654,41 @@ def _export_dicom(args: argparse.Namespace, progress: bool) -> int:
     from training.dicomweb import StowError, dicomweb_client, store_series
     from training.fileio import check_output_folder
 
+    import requests
+
     check_output_folder(args.out)
     client = None
     if args.stow is not None:
         try:
             client = dicomweb_client(args.stow)
+            client.search_for_studies(limit=1)  # does it answer? before any work
         except ValueError as error:
             raise OptionError("--stow", str(error)) from None
+        except requests.HTTPError as error:
+            raise OptionError("--stow", f"the DICOMweb server refused a query: HTTP {error.response.status_code} "
+                                        "(credentials: MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD)") from None
+        except requests.RequestException as error:
+            raise OptionError("--stow", _no_answer(error)) from None
     written = export_dataset(args.dataset, args.out, args.methods, args.cases)
     folders = [(case, method, folder) for case, series in written.items() for method, folder in series.items()]
     for case, method, folder in folders:
         print(f"{case} {method}: {folder}")
     if client is None:
         return 0
-    import requests
-
     for case, method, folder in tqdm(folders, desc="STOW-RS", unit="series", disable=not progress):
         try:
             store_series(client, read_series(folder))
         except requests.ConnectionError as error:
-            raise OptionError("--stow", f"the DICOMweb server does not answer ({type(error).__name__}); is it running? "
-                                        "(`make orthanc` starts one on 127.0.0.1:8042)") from None
+            raise OptionError("--stow", _no_answer(error)) from None
         except StowError as error:
             raise DataError(folder, str(error)) from None
     print(f"stored {len(folders)} series on {args.stow}")
     return 0
+
+
+def _no_answer(error: Exception) -> str:
+    return (f"the DICOMweb server does not answer ({type(error).__name__}); is it running? "
+            "(`make orthanc` starts one on 127.0.0.1:8042)")
 
 
 def _interrupt(signum: int, frame: object) -> NoReturn:

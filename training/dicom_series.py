@@ -43,6 +43,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.valuerep import format_number_as_ds
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
 from training.errors import DataError
@@ -228,11 +229,8 @@ def ct_series(hu: np.ndarray, affine: np.ndarray, study: Dataset, series: Series
 
 
 def _ds(value: float) -> str:
-    """A Decimal String of at most 16 characters."""
-    text = f"{float(value):.10g}"
-    if len(text) > 16:
-        text = f"{float(value):.8g}"
-    return "0" if text == "-0" else text
+    """A Decimal String (at most 16 characters)."""
+    return format_number_as_ds(float(value))
 
 
 def write_series(datasets: Sequence[Dataset], folder: str | Path) -> Path:
@@ -278,14 +276,14 @@ def stable_uid(*parts: object) -> str:
 
 def source_for_slices(sources: Sequence[Dataset], lps_affine: np.ndarray, count: int,
                       tolerance_mm: float = 0.01) -> list[Dataset | None]:
-    """Per slice ``k`` of an LPS-ordered volume, the source instance at its position (``None`` where none is)."""
+    """Per slice ``k`` of an LPS-ordered volume, the source instance (of at least one) at its position, else ``None``."""
     normal = lps_affine[:3, 2] / np.linalg.norm(lps_affine[:3, 2])
     spacing = float(np.linalg.norm(lps_affine[:3, 2]))
     by_offset = [(float(np.dot(np.asarray(s.ImagePositionPatient, dtype=float), normal)), s) for s in sources]
     matched: list[Dataset | None] = []
     for k in range(count):
         target = float(np.dot(lps_affine @ np.array([0.0, 0.0, k, 1.0]), np.append(normal, 0.0)))
-        offset, best = min(by_offset, key=lambda item: abs(item[0] - target)) if by_offset else (np.inf, None)
+        offset, best = min(by_offset, key=lambda item: abs(item[0] - target))
         matched.append(best if abs(offset - target) <= max(tolerance_mm, 0.01 * spacing) else None)
     return matched
 

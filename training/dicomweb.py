@@ -31,12 +31,11 @@ STOW_BATCH = 32  # instances per STOW request: a 512 x 512 slice is 0.5 MB
 
 
 class StowError(RuntimeError):
-    """A series the server did not store whole; ``series_uid`` names it, ``left_behind`` what could not be removed."""
+    """A series the server did not store whole; ``series_uid`` names it (the message says what is left)."""
 
-    def __init__(self, message: str, series_uid: str, left_behind: Sequence[str] = ()) -> None:
+    def __init__(self, message: str, series_uid: str) -> None:
         super().__init__(message)
         self.series_uid = series_uid
-        self.left_behind = list(left_behind)
 
 
 class TimeoutSession(requests.Session):
@@ -97,7 +96,7 @@ def store_series(client: DICOMwebClient, datasets: Sequence[Dataset]) -> list[st
     Raises:
         StowError: a series refused in part or whole, or the request failed; the server's
             reason where it gave one.
-        requests.ConnectionError: the server did not answer (nothing was stored).
+        requests.ConnectionError: the server did not answer before anything of a series was sent.
     """
     by_series: dict[tuple[str, str], list[Dataset]] = {}
     for ds in datasets:
@@ -113,6 +112,7 @@ def _store_one_series(client: DICOMwebClient, study_uid: str, series_uid: str, i
     before = stored_instances(client, study_uid, series_uid)
     expected = {str(ds.SOPInstanceUID) for ds in instances}
     problem = ""
+    start = 0
     try:
         for start in range(0, len(instances), STOW_BATCH):
             reply = client.store_instances(instances[start:start + STOW_BATCH], study_uid)
@@ -126,8 +126,8 @@ def _store_one_series(client: DICOMwebClient, study_uid: str, series_uid: str, i
         text = (error.response.text or "").strip()[:300] if error.response is not None else str(error)
         problem = f"the server answered HTTP {status}: {text}"
     except requests.ConnectionError:
-        if not before:
-            raise
+        if start == 0:
+            raise  # nothing was sent
         problem = "the connection was lost while storing"
     if not problem:
         missing = expected - stored_instances(client, study_uid, series_uid)
@@ -139,7 +139,7 @@ def _store_one_series(client: DICOMwebClient, study_uid: str, series_uid: str, i
     left = _remove_added(client, study_uid, series_uid, before)
     where = (f"; {len(left)} instances it did keep could not be removed, remove them by hand: {', '.join(left[:5])}"
              if left else "; nothing of it is left on the server")
-    raise StowError(f"series {series_uid} was not stored: {problem}{where}", series_uid, left)
+    raise StowError(f"series {series_uid} was not stored: {problem}{where}", series_uid)
 
 
 def orthanc_rest_url(client: DICOMwebClient) -> str:

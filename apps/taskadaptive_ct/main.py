@@ -206,14 +206,8 @@ class TaskAdaptiveCTApp(MONAILabelApp):
         if model not in self._infers:
             raise NotFound(f"unknown model {model!r}; this server has {choices(self._infers)}")
         image = request.get("image")
-        store = datastore or self.datastore()
-        if isinstance(store, PacsDatastore) and isinstance(image, str) and image and not os.path.exists(image):
-            if not store.is_fetched(image):
-                store.check_series(image)  # 404 or 422 naming the series, 503 if the PACS does not answer
-            request = dict(request, image_id=image)
-        elif isinstance(image, str) and image and not os.path.exists(image):
-            if image not in store.list_images():
-                raise NotFound(f"unknown image id {image!r}; list them with GET /datastore/?output=all")
+        if isinstance(image, str) and image and not os.path.exists(image):
+            (datastore or self.datastore()).check_image(image)  # 404; on a PACS also 422 or 503, naming the series
             request = dict(request, image_id=image)
         for key in ("variant", "output_dtype", "result_extension"):
             if key in request and not isinstance(request[key], str):

@@ -89,6 +89,11 @@ class TaskAdaptiveDatastore(LocalDatastore):
     def _place(self, write: Callable[[str], None], destination: Path) -> None:
         place_atomically(write, destination, Path(self._datastore_path) / INCOMING)
 
+    def check_image(self, image_id: str) -> None:
+        """Refuse (404) an image id the datastore does not hold."""
+        if image_id not in self.list_images():
+            raise NotFound(f"unknown image id {image_id!r}; list them with GET /datastore/?output=all")
+
     def image_grid(self, image_id: str) -> tuple[tuple[int, ...], np.ndarray]:
         """Shape and affine of a datastore image (its own voxel order)."""
         uri = self.get_image_uri(image_id)

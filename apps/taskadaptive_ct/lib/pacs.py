@@ -191,6 +191,10 @@ class PacsDatastore(TaskAdaptiveDatastore):
         """Whether a series is in the cache, checked (it is then served without asking the PACS)."""
         return series_uid in self._datastore.objects and self.dicom_folder(series_uid).is_dir()
 
+    def check_image(self, image_id: str) -> None:
+        """Fetch and check a series (once): 404, 422 naming it, or 503 if the PACS does not answer."""
+        self.get_image_uri(image_id)
+
     def get_image_uri(self, image_id: str) -> str:
         """The fetched, checked series as NIfTI (fetched from the PACS on first use)."""
         if self.is_fetched(image_id):
@@ -264,9 +268,8 @@ class PacsDatastore(TaskAdaptiveDatastore):
     def store_volume(self, image_id: str, array: np.ndarray, affine: np.ndarray, tag: str, info: dict[str, Any],
                      dtype: str = "float32") -> dict[str, Any]:
         """Keep a reconstruction locally and store it on the PACS as a derived CT series of the image's study."""
-        summary = info.get("reconstructor") or {}
-        variant = str(info.get("variant") or summary.get("name") or tag)
-        alpha = summary.get("alpha")
+        variant = str(info.get("variant") or tag)
+        alpha = (info.get("reconstructor") or {}).get("alpha")
         description = f"{RECONSTRUCTION_PREFIX} {variant}" + (f" a={float(alpha):g}" if alpha is not None else "")
         derivation = (f"TaskAdaptiveCT reconstruction of series {image_id} by the U-Net {variant}"
                       + (f" trained with alpha = {float(alpha):g} ((1 - alpha) MSE + alpha Dice through a frozen "
@@ -278,7 +281,6 @@ class PacsDatastore(TaskAdaptiveDatastore):
         self._store(image_id, datasets, "the reconstruction")
         series_uid = str(datasets[0].SeriesInstanceUID)
         super().store_volume(image_id, array, affine, tag, dict(info, series_uid=series_uid), dtype)
-        self._listing = (0.0, [])
         return {"series_uid": series_uid, "study_uid": str(datasets[0].StudyInstanceUID), "description": description}
 
     @pacs_call
