@@ -249,7 +249,8 @@ def test_the_app_lists_the_pacs_ct_series_as_images(pacs, app):
     for name in ("good", "refuse", "one", "uneven", "tilt"):
         assert uid(pacs, name) in objects
     assert uid(pacs, "mr") not in objects  # not CT
-    assert objects[uid(pacs, "good")]["image"]["info"]["SeriesDescription"] == "Low-dose CT (test)"
+    info = objects[uid(pacs, "good")]["image"]["info"]
+    assert (info["SeriesDescription"], info["PatientID"]) == ("Low-dose CT (test)", "TACT-GOOD")
 
 
 def test_segmentation_and_reconstruction_run_on_a_series_by_its_uid_on_the_series_geometry(pacs, app, tmp_path):

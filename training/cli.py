@@ -335,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, _error_line(_option_first(_UNRECOGNIZED + " ".join(extra)), f"see `{_command_line(args)} --help`"))
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ignite").setLevel(logging.WARNING)  # its per-epoch lines repeat ours
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # a line per request, through the progress bars
     progress = not args.quiet
     try:
         return _COMMANDS[args.command](args, progress)

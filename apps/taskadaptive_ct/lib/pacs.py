@@ -61,7 +61,7 @@ RECONSTRUCTION_PREFIX = "TaskAdaptiveCT reconstruction"
 SEG_DESCRIPTION = "TaskAdaptiveCT liver and tumour"
 DICOM_FOLDER = "dicom"
 
-_SERIES_UID, _STUDY_UID, _MODALITY, _DESCRIPTION = "0020000E", "0020000D", "00080060", "0008103E"
+_SERIES_UID, _STUDY_UID, _MODALITY, _DESCRIPTION, _PATIENT_ID = "0020000E", "0020000D", "00080060", "0008103E", "00100020"
 
 
 def cache_folder(root: str | Path, url: str) -> Path:
@@ -131,7 +131,7 @@ class PacsDatastore(TaskAdaptiveDatastore):
         taken, records = self._listing
         if time.monotonic() - taken > LISTING_TTL_S:
             found = self.client.search_for_series(search_filters={"Modality": "CT"},
-                                                  fields=[_DESCRIPTION, _STUDY_UID])
+                                                  fields=[_DESCRIPTION, _STUDY_UID, _PATIENT_ID])
             records = [r for r in found if not _value(r, _DESCRIPTION).startswith(RECONSTRUCTION_PREFIX)]
             self._listing = (time.monotonic(), records)
         return records
@@ -151,7 +151,8 @@ class PacsDatastore(TaskAdaptiveDatastore):
             uid = _value(record, _SERIES_UID)
             objects.setdefault(uid, {"image": {"ext": "", "info": {"fetched": False}}, "labels": {}})
             objects[uid]["image"]["info"].update({"SeriesDescription": _value(record, _DESCRIPTION),
-                                                  "StudyInstanceUID": _value(record, _STUDY_UID)})
+                                                  "StudyInstanceUID": _value(record, _STUDY_UID),
+                                                  "PatientID": _value(record, _PATIENT_ID)})
         return listing
 
     def status(self) -> dict[str, Any]:
