@@ -393,13 +393,16 @@ def test_the_ohif_viewer_shows_the_study_and_segments_it_through_the_monai_label
         connect_monai_label_panel(driver, server.url)
         run = wait_for(lambda: [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Run"],
                        what="the panel's Run button (the panel did not connect)")
+        requests_before = server.log.read_text().count("Infer Request")
         run[0].click()
         wait_for(lambda: coloured_fraction(viewport_pixels(driver)) > before + 0.05, timeout=120,
                  what="the segmentation overlay")
         save_screenshot(driver, tmp_path / "monai-label-panel.png")
     finally:
         driver.quit()
-    assert "'model': 'segmentation'" in server.tail(200)  # the overlay came from this server's segmentation task
+    # the overlay came from this server's segmentation task, run by the panel on the series shown
+    asked = [line for line in server.log.read_text().splitlines() if "Infer Request" in line][requests_before:]
+    assert len(asked) == 1 and "'model': 'segmentation'" in asked[0] and source.SeriesInstanceUID in asked[0]
 
 
 def test_a_pacs_that_stops_gives_a_clear_error_and_the_app_keeps_serving(pacs, app):
